@@ -1,0 +1,41 @@
+# Two commands for a fresh machine: `make demo` and `make test` (see README.md).
+PYTHON_BOOTSTRAP ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.deps-installed
+BUILD_STAMP := $(VENV)/.torchsgd8-built
+SOURCES := $(shell find csrc torchsgd8 -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.py') CMakeLists.txt pyproject.toml
+
+.PHONY: demo test test-slow bench build clean
+
+$(PY):
+	$(PYTHON_BOOTSTRAP) -m venv $(VENV)
+
+$(DEPS_STAMP): requirements-dev.txt | $(PY)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements-dev.txt
+	touch $@
+
+# Built against the venv's torch (no build isolation: an isolated build would fetch another torch).
+$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(BUILD_STAMP)
+
+demo: build
+	$(PY) -m torchsgd8
+	$(PY) examples/train_digits.py
+
+test: build
+	$(PY) -m pytest -q tests
+
+test-slow: build
+	TORCHSGD8_SLOW_TESTS=1 $(PY) -m pytest -q tests -m slow
+
+bench: build
+	$(PY) -m pip install --no-deps bitsandbytes==0.50.2
+	$(PY) benchmarks/bench_step.py
+
+clean:
+	rm -rf build $(VENV) *.egg-info

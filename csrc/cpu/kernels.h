@@ -1,0 +1,33 @@
+// CPU kernel entry points. sgd_kernels.cpp is compiled once per instruction set (see CMakeLists.txt),
+// each copy in its own namespace; sgd_cpu.cpp picks one at run time.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "../sgd_rule.h"
+
+namespace torchsgd8::cpu {
+
+struct KernelTable {
+  const char* isa;
+  void (*sgd_update)(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                     const SgdHyper<double>& hyper);
+  void (*sgd8bit_update)(at::TensorList params, at::TensorList grads, at::TensorList codes,
+                         at::TensorList absmax, const SgdHyper<double>& hyper);
+  void (*quantize_blockwise)(const at::Tensor& values, const at::Tensor& codes, const at::Tensor& absmax);
+  void (*dequantize_blockwise)(const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& out);
+};
+
+namespace DEFAULT {
+extern const KernelTable kKernels;
+}
+#if defined(TORCHSGD8_HAVE_AVX2)
+namespace AVX2 {
+extern const KernelTable kKernels;
+}
+#endif
+
+// The table used by the ops: the widest ISA this CPU supports, unless TORCHSGD8_CPU_ISA=default.
+const KernelTable& kernels();
+
+}  // namespace torchsgd8::cpu

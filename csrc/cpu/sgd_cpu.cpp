@@ -1,0 +1,105 @@
+// TORCH_LIBRARY_IMPL(torchsgd8, CPU): argument checks, then the kernel table for this CPU's ISA.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <string>
+
+#include "../op_checks.h"
+#include "kernels.h"
+
+namespace torchsgd8::cpu {
+
+namespace {
+
+bool cpu_supports_avx2() {
+#if defined(TORCHSGD8_HAVE_AVX2) && (defined(__GNUC__) || defined(__clang__))
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+const KernelTable& select_kernels() {
+  const char* forced = std::getenv("TORCHSGD8_CPU_ISA");
+  const std::string choice = forced ? forced : "";
+  TORCH_CHECK(choice.empty() || choice == "default" || choice == "avx2",
+              "torchsgd8: TORCHSGD8_CPU_ISA must be 'default' or 'avx2', got '", choice, "'");
+#if defined(TORCHSGD8_HAVE_AVX2)
+  if (choice != "default" && cpu_supports_avx2()) {
+    return AVX2::kKernels;
+  }
+#endif
+  TORCH_CHECK(choice != "avx2", "torchsgd8: TORCHSGD8_CPU_ISA=avx2 but this CPU or build lacks AVX2");
+  return DEFAULT::kKernels;
+}
+
+void sgd_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                    const at::Tensor& lr, const at::Tensor& momentum, double dampening, double weight_decay,
+                    bool nesterov, bool maximize, bool first_step, const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf) {
+  check_params_and_grads(params, grads);
+  const bool use_momentum = !momentum_buffers.empty();
+  if (use_momentum) {
+    check_same_layout(params, momentum_buffers, "momentum_buffers", /*same_dtype=*/true);
+  }
+  SgdHyper<double> hyper;
+  if (read_hyper(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, use_momentum,
+                 grad_scale, found_inf, hyper)) {
+    kernels().sgd_update(params, grads, momentum_buffers, hyper);
+  }
+}
+
+void sgd8bit_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList codes,
+                        at::TensorList absmax, const at::Tensor& lr, const at::Tensor& momentum, double dampening,
+                        double weight_decay, bool nesterov, bool maximize, bool first_step,
+                        const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  check_params_and_grads(params, grads);
+  check_codes_and_absmax(params, codes, absmax);
+  SgdHyper<double> hyper;
+  if (read_hyper(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, /*use_momentum=*/true,
+                 grad_scale, found_inf, hyper)) {
+    kernels().sgd8bit_update(params, grads, codes, absmax, hyper);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& values) {
+  TORCH_CHECK(is_supported_param_dtype(values.scalar_type()),
+              "torchsgd8.quantize_blockwise: values must be float32, float64, bfloat16 or float16, got ",
+              values.scalar_type());
+  const at::Tensor contiguous = values.contiguous();
+  at::Tensor codes = at::empty(values.sizes(), values.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({num_blocks(values.numel())}, values.options().dtype(at::kFloat));
+  kernels().quantize_blockwise(contiguous, codes, absmax);
+  return {codes, absmax};
+}
+
+at::Tensor dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& absmax, at::ScalarType dtype) {
+  TORCH_CHECK(codes.scalar_type() == at::kByte, "torchsgd8.dequantize_blockwise: codes must be uint8, got ",
+              codes.scalar_type());
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.dim() == 1 &&
+                  absmax.numel() == num_blocks(codes.numel()),
+              "torchsgd8.dequantize_blockwise: absmax must be a float32 vector of ", num_blocks(codes.numel()),
+              " blocks for ", codes.numel(), " codes, got ", absmax.scalar_type(), absmax.sizes());
+  TORCH_CHECK(is_supported_param_dtype(dtype),
+              "torchsgd8.dequantize_blockwise: dtype must be float32, float64, bfloat16 or float16, got ", dtype);
+  at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(dtype));
+  kernels().dequantize_blockwise(codes.contiguous(), absmax.contiguous(), out);
+  return out;
+}
+
+}  // namespace
+
+const KernelTable& kernels() {
+  static const KernelTable& table = select_kernels();
+  return table;
+}
+
+TORCH_LIBRARY_IMPL(torchsgd8, CPU, m) {
+  m.impl("sgd_update_", &sgd_update_cpu);
+  m.impl("sgd8bit_update_", &sgd8bit_update_cpu);
+  m.impl("quantize_blockwise", &quantize_blockwise_cpu);
+  m.impl("dequantize_blockwise", &dequantize_blockwise_cpu);
+}
+
+}  // namespace torchsgd8::cpu

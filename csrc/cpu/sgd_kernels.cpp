@@ -1,0 +1,239 @@
+// CPU kernels, compiled once per instruction set: CPU_CAPABILITY names the copy (DEFAULT, AVX2) and
+// selects at::vec's implementation, exactly as ATen builds its own kernels.
+//
+// Work is split into 256-element blocks across all tensors of a call, so one at::parallel_for covers a
+// whole param group however many small tensors it has, and no block is ever shared by two threads
+// (results do not depend on the thread count). Each block is one pass over memory; the 8-bit kernel
+// keeps the block's dequantized buffer in a 1 KiB stack array.
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/irange.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "../quant.h"
+#include "../sgd_rule.h"
+#include "kernels.h"
+
+#ifndef CPU_CAPABILITY
+#define CPU_CAPABILITY DEFAULT
+#endif
+
+namespace torchsgd8::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+// Runs fn(tensor_index, begin, end) over [begin, end) element ranges that cover every tensor, each range a
+// whole number of blocks of one tensor (except a tensor's last, partial block). One parallel region.
+template <typename Fn>
+void parallel_over_blocks(at::TensorList tensors, const Fn& fn) {
+  std::vector<int64_t> first_block(tensors.size() + 1, 0);
+  for (const auto i : c10::irange(tensors.size())) {
+    first_block[i + 1] = first_block[i] + (tensors[i].numel() + kBlockSize - 1) / kBlockSize;
+  }
+  const int64_t total = first_block.back();
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / kBlockSize);
+  at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
+    size_t t = std::upper_bound(first_block.begin(), first_block.end(), begin) - first_block.begin() - 1;
+    for (int64_t block = begin; block < end;) {
+      while (block >= first_block[t + 1]) {
+        ++t;  // skips empty tensors too
+      }
+      const int64_t stop = std::min(end, first_block[t + 1]);
+      const int64_t numel = tensors[t].numel();
+      fn(t, (block - first_block[t]) * kBlockSize, std::min((stop - first_block[t]) * kBlockSize, numel));
+      block = stop;
+    }
+  });
+}
+
+// SIMD lanes: kParts vectors of acc_t per step. bf16/fp16 load as two float vectors, so one step is
+// always kParts * Vectorized<acc_t>::size() elements of any storage type.
+constexpr int kParts = 2;
+template <typename acc_t>
+constexpr int64_t kStep = kParts * Vectorized<acc_t>::size();
+
+template <typename T, typename acc_t>
+inline void load_parts(const T* ptr, Vectorized<acc_t> (&v)[kParts]) {
+  if constexpr (std::is_same_v<T, acc_t>) {
+    v[0] = Vectorized<acc_t>::loadu(ptr);
+    v[1] = Vectorized<acc_t>::loadu(ptr + Vectorized<acc_t>::size());
+  } else {
+    static_assert(Vectorized<T>::size() == 2 * Vectorized<float>::size());
+    std::tie(v[0], v[1]) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(ptr));
+  }
+}
+
+template <typename T, typename acc_t>
+inline void store_parts(T* ptr, const Vectorized<acc_t> (&v)[kParts]) {
+  if constexpr (std::is_same_v<T, acc_t>) {
+    v[0].store(ptr);
+    v[1].store(ptr + Vectorized<acc_t>::size());
+  } else {
+    at::vec::convert_from_float<T>(v[0], v[1]).store(ptr);
+  }
+}
+
+// param[i], buf[i] <- sgd_rule(param[i], grad[i], buf[i]) for i < n. B is the buffer's storage type: the
+// param's dtype for the fp32-precision op, float for the 8-bit op's dequantized block.
+template <typename T, typename B, typename acc_t>
+void update_range(T* param, const T* grad, B* buf, int64_t n, const SgdHyper<acc_t>& h) {
+  const bool read_buf = h.use_momentum && !h.first_step;
+  int64_t i = 0;
+  for (; i + kStep<acc_t> <= n; i += kStep<acc_t>) {
+    Vectorized<acc_t> p[kParts], g[kParts], b[kParts];
+    load_parts(param + i, p);
+    load_parts(grad + i, g);
+    if (read_buf) {
+      load_parts(buf + i, b);
+    }
+    for (int k = 0; k < kParts; ++k) {
+      p[k] = sgd_rule(p[k], g[k], b[k], h);
+    }
+    store_parts(param + i, p);
+    if (h.use_momentum) {
+      store_parts(buf + i, b);
+    }
+  }
+  for (; i < n; ++i) {
+    acc_t b = read_buf ? static_cast<acc_t>(buf[i]) : acc_t(0);
+    param[i] = static_cast<T>(sgd_rule(static_cast<acc_t>(param[i]), static_cast<acc_t>(grad[i]), b, h));
+    if (h.use_momentum) {
+      buf[i] = static_cast<B>(b);
+    }
+  }
+}
+
+// NaN-propagating max |v| of a float block.
+inline float block_absmax(const float* v, int64_t n) {
+  using Vec = Vectorized<float>;
+  int64_t i = 0;
+  Vec running(0.0f);
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    running = at::vec::maximum(running, Vec::loadu(v + i).abs());  // maximum propagates NaN
+  }
+  float lanes[Vec::size()];
+  running.store(lanes);
+  float result = 0.0f;
+  for (float lane : lanes) {
+    result = absmax_accumulate(result, lane);
+  }
+  for (; i < n; ++i) {
+    result = absmax_accumulate(result, v[i]);
+  }
+  return result;
+}
+
+inline void quantize_block(const float* v, int64_t n, uint8_t* codes, float* absmax) {
+  const float a = block_absmax(v, n);
+  *absmax = a;
+  for (int64_t i = 0; i < n; ++i) {
+    codes[i] = quantize_value(v[i], a);
+  }
+}
+
+inline void dequantize_block(const uint8_t* codes, float absmax, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = dequantize_value(codes[i], absmax);
+  }
+}
+
+template <typename T>
+using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+void sgd_update(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                const SgdHyper<double>& hyper) {
+  if (params.empty()) {
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "sgd_update_", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const SgdHyper<acc_t> h = cast_hyper<acc_t>(hyper);
+    parallel_over_blocks(params, [&](size_t t, int64_t begin, int64_t end) {
+      scalar_t* buf = h.use_momentum ? momentum_buffers[t].data_ptr<scalar_t>() + begin : nullptr;
+      update_range(params[t].data_ptr<scalar_t>() + begin, grads[t].const_data_ptr<scalar_t>() + begin, buf,
+                   end - begin, h);
+    });
+  });
+}
+
+template <typename scalar_t>
+void sgd8bit_update_typed(at::TensorList params, at::TensorList grads, at::TensorList codes,
+                          at::TensorList absmax, const SgdHyper<float>& h) {
+  parallel_over_blocks(params, [&](size_t t, int64_t begin, int64_t end) {
+    scalar_t* param = params[t].data_ptr<scalar_t>();
+    const scalar_t* grad = grads[t].const_data_ptr<scalar_t>();
+    uint8_t* code = codes[t].data_ptr<uint8_t>();
+    float* scale = absmax[t].data_ptr<float>();
+    alignas(64) float buf[kBlockSize];
+    for (int64_t start = begin; start < end; start += kBlockSize) {
+      const int64_t n = std::min(kBlockSize, end - start);
+      const int64_t block = start / kBlockSize;
+      if (!h.first_step) {
+        dequantize_block(code + start, scale[block], n, buf);
+      }
+      update_range(param + start, grad + start, buf, n, h);
+      quantize_block(buf, n, code + start, scale + block);
+    }
+  });
+}
+
+void sgd8bit_update(at::TensorList params, at::TensorList grads, at::TensorList codes, at::TensorList absmax,
+                    const SgdHyper<double>& hyper) {
+  if (params.empty()) {
+    return;
+  }
+  const SgdHyper<float> h = cast_hyper<float>(hyper);
+  // float64 params keep full-precision state (the op checks), so no float64 instantiation.
+  AT_DISPATCH_SWITCH(params[0].scalar_type(), "sgd8bit_update_",
+                     AT_DISPATCH_CASE(at::kFloat, [&] { sgd8bit_update_typed<scalar_t>(params, grads, codes, absmax, h); })
+                     AT_DISPATCH_CASE(at::kBFloat16, [&] { sgd8bit_update_typed<scalar_t>(params, grads, codes, absmax, h); })
+                     AT_DISPATCH_CASE(at::kHalf, [&] { sgd8bit_update_typed<scalar_t>(params, grads, codes, absmax, h); }));
+}
+
+void quantize_blockwise(const at::Tensor& values, const at::Tensor& codes, const at::Tensor& absmax) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, values.scalar_type(), "quantize_blockwise", [&] {
+    const scalar_t* in = values.const_data_ptr<scalar_t>();
+    uint8_t* out = codes.data_ptr<uint8_t>();
+    float* scale = absmax.data_ptr<float>();
+    parallel_over_blocks(values, [&](size_t, int64_t begin, int64_t end) {
+      alignas(64) float block[kBlockSize];
+      for (int64_t start = begin; start < end; start += kBlockSize) {
+        const int64_t n = std::min(kBlockSize, end - start);
+        for (int64_t i = 0; i < n; ++i) {
+          block[i] = static_cast<float>(in[start + i]);
+        }
+        quantize_block(block, n, out + start, scale + start / kBlockSize);
+      }
+    });
+  });
+}
+
+void dequantize_blockwise(const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "dequantize_blockwise", [&] {
+    const uint8_t* in = codes.const_data_ptr<uint8_t>();
+    const float* scale = absmax.const_data_ptr<float>();
+    scalar_t* values = out.data_ptr<scalar_t>();
+    parallel_over_blocks(codes, [&](size_t, int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        values[i] = static_cast<scalar_t>(dequantize_value(in[i], scale[i / kBlockSize]));
+      }
+    });
+  });
+}
+
+}  // namespace
+
+#define TORCHSGD8_STRINGIFY2(x) #x
+#define TORCHSGD8_STRINGIFY(x) TORCHSGD8_STRINGIFY2(x)
+
+extern const KernelTable kKernels = {TORCHSGD8_STRINGIFY(CPU_CAPABILITY), &sgd_update, &sgd8bit_update,
+                              &quantize_blockwise, &dequantize_blockwise};
+
+}  // namespace CPU_CAPABILITY
+}  // namespace torchsgd8::cpu

@@ -1,0 +1,106 @@
+// Argument contracts shared by every device's implementation of the ops in ops.cpp. The Python
+// optimizers validate user input with friendlier messages first; these checks guard direct op calls.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "quant.h"
+#include "sgd_rule.h"
+
+namespace torchsgd8 {
+
+inline int64_t num_blocks(int64_t numel) {
+  return (numel + kBlockSize - 1) / kBlockSize;
+}
+
+inline bool is_supported_param_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+inline double read_hyperparameter(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.numel() == 1, "torchsgd8: ", name, " must be a 1-element tensor, got shape ", t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), "torchsgd8: ", name, " must be a CPU tensor, got ", t.device());
+  return t.item().toDouble();
+}
+
+// Shared by both update ops: the params/grads lists, and the hyperparameters.
+inline void check_params_and_grads(at::TensorList params, at::TensorList grads) {
+  TORCH_CHECK(params.size() == grads.size(), "torchsgd8: got ", params.size(), " params but ",
+              grads.size(), " grads");
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK(is_supported_param_dtype(p.scalar_type()),
+                "torchsgd8: params must be float32, float64, bfloat16 or float16; param ", i, " is ",
+                p.scalar_type());
+    TORCH_CHECK(p.device() == params[0].device() && p.scalar_type() == params[0].scalar_type(),
+                "torchsgd8: all params of one call must share device and dtype; param ", i, " is ",
+                p.scalar_type(), " on ", p.device(), ", param 0 is ", params[0].scalar_type(), " on ",
+                params[0].device());
+    TORCH_CHECK(p.is_contiguous(), "torchsgd8: param ", i, " is not contiguous");
+    TORCH_CHECK(!g.is_sparse(), "torchsgd8: grad ", i, " is sparse; sparse gradients are not supported");
+    TORCH_CHECK(g.sizes() == p.sizes() && g.scalar_type() == p.scalar_type() && g.device() == p.device(),
+                "torchsgd8: grad ", i, " (", g.scalar_type(), g.sizes(), " on ", g.device(),
+                ") must match its param (", p.scalar_type(), p.sizes(), " on ", p.device(), ")");
+    TORCH_CHECK(g.is_contiguous(), "torchsgd8: grad ", i, " is not contiguous");
+  }
+}
+
+inline void check_same_layout(at::TensorList params, at::TensorList state, const char* what,
+                              bool same_dtype) {
+  TORCH_CHECK(state.size() == params.size(), "torchsgd8: got ", params.size(), " params but ",
+              state.size(), " ", what);
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(state[i].sizes() == params[i].sizes() && state[i].device() == params[i].device() &&
+                    state[i].is_contiguous(),
+                "torchsgd8: ", what, "[", i, "] must be contiguous with its param's shape ",
+                params[i].sizes(), " on ", params[i].device(), "; got ", state[i].sizes(), " on ",
+                state[i].device());
+    TORCH_CHECK(!same_dtype || state[i].scalar_type() == params[i].scalar_type(), "torchsgd8: ", what,
+                "[", i, "] must have its param's dtype ", params[i].scalar_type(), ", got ",
+                state[i].scalar_type());
+  }
+}
+
+inline void check_codes_and_absmax(at::TensorList params, at::TensorList codes, at::TensorList absmax) {
+  check_same_layout(params, codes, "codes", /*same_dtype=*/false);
+  TORCH_CHECK(absmax.size() == params.size(), "torchsgd8: got ", params.size(), " params but ",
+              absmax.size(), " absmax");
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(codes[i].scalar_type() == at::kByte, "torchsgd8: codes[", i, "] must be uint8, got ",
+                codes[i].scalar_type());
+    TORCH_CHECK(params[i].scalar_type() != at::kDouble,
+                "torchsgd8: 8-bit state is for float32/bfloat16/float16 params; param ", i, " is float64");
+    TORCH_CHECK(absmax[i].scalar_type() == at::kFloat && absmax[i].dim() == 1 &&
+                    absmax[i].numel() == num_blocks(params[i].numel()) && absmax[i].is_contiguous() &&
+                    absmax[i].device() == params[i].device(),
+                "torchsgd8: absmax[", i, "] must be a contiguous float32 vector of ",
+                num_blocks(params[i].numel()), " blocks on ", params[i].device(), "; got ",
+                absmax[i].scalar_type(), absmax[i].sizes(), " on ", absmax[i].device());
+  }
+}
+
+// Reads the hyperparameters once per call. Returns false when found_inf says to skip the step.
+inline bool read_hyper(const at::Tensor& lr, const at::Tensor& momentum, double dampening,
+                       double weight_decay, bool nesterov, bool maximize, bool first_step,
+                       bool use_momentum, const std::optional<at::Tensor>& grad_scale,
+                       const std::optional<at::Tensor>& found_inf, SgdHyper<double>& h) {
+  if (found_inf.has_value() && read_hyperparameter(*found_inf, "found_inf") != 0.0) {
+    return false;
+  }
+  h.lr = read_hyperparameter(lr, "lr");
+  h.momentum = read_hyperparameter(momentum, "momentum");
+  h.dampening_complement = 1.0 - dampening;
+  h.weight_decay = weight_decay;
+  h.unscale = grad_scale.has_value();
+  h.grad_scale = h.unscale ? read_hyperparameter(*grad_scale, "grad_scale") : 1.0;
+  h.use_momentum = use_momentum;
+  h.first_step = first_step;
+  h.nesterov = nesterov;
+  h.maximize = maximize;
+  return true;
+}
+
+}  // namespace torchsgd8

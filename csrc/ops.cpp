@@ -1,0 +1,63 @@
+// The public API of torchsgd8: every op schema, in one table. Kernels live in csrc/<device>/,
+// fake (meta) implementations in torchsgd8/ops.py.
+//
+// Conventions: ops ending in `_` update their `(a!)` arguments in place and return nothing. Hyper-
+// parameters that schedules change every step (lr, momentum) are 0-dim tensors, so a compiled step
+// does not specialise on their values. `first_step` means the momentum buffers were just created (they
+// are not read: buffer = gradient, as torch.optim.SGD does). `grad_scale` / `found_inf` are the
+// GradScaler protocol of torch's fused optimizers: grads are divided by grad_scale, and when found_inf
+// is nonzero nothing at all is changed.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/kernels.h"
+
+namespace {
+// Build facts for `python -m torchsgd8`; the ops themselves are reached through torch.ops.torchsgd8.
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(torchsgd8::cpu::kernels().isa);
+}
+PyObject* cuda_kernels_compiled(PyObject*, PyObject*) {
+#if defined(TORCHSGD8_WITH_CUDA)
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+PyObject* built_against_torch(PyObject*, PyObject*) {
+  return PyUnicode_FromString(TORCHSGD8_TORCH_VERSION);
+}
+PyMethodDef module_methods[] = {
+    {"built_against_torch", built_against_torch, METH_NOARGS, "torch version this library was compiled against."},
+    {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set of the CPU kernels in use (DEFAULT or AVX2)."},
+    {"cuda_kernels_compiled", cuda_kernels_compiled, METH_NOARGS, "Whether CUDA kernels are built in."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
+extern "C" {
+// `import torchsgd8._C` loads this shared library (and so runs the registrations below). Built against
+// the stable ABI, so one wheel serves every CPython >= 3.9.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, module_methods};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(torchsgd8, m) {
+  // fp32-precision momentum (buffers in the param dtype, like torch.optim.SGD); momentum_buffers is
+  // empty when momentum == 0. One call updates a whole list of same-device, same-dtype params.
+  m.def(
+      "sgd_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor lr, "
+      "Tensor momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
+      "bool first_step, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // 8-bit momentum: per param, uint8 codes (param's shape) and float32 absmax (one per 256-element
+  // block). Dequantize, update, requantize each block in one pass.
+  m.def(
+      "sgd8bit_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] codes, Tensor(c!)[] absmax, "
+      "Tensor lr, Tensor momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
+      "bool first_step, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // values -> (uint8 codes of values' shape, float32 absmax[ceil(numel / 256)])
+  m.def("quantize_blockwise(Tensor values) -> (Tensor codes, Tensor absmax)");
+  // (codes, absmax) -> values of dtype `dtype` and codes' shape
+  m.def("dequantize_blockwise(Tensor codes, Tensor absmax, ScalarType dtype) -> Tensor");
+}

@@ -1,0 +1,211 @@
+"""State-dict format: version, validation, and conversion from torch.optim.SGD and bitsandbytes layouts.
+
+Per-param state in torchsgd8 is one of
+  * nothing (momentum == 0, or the param never had a gradient),
+  * ``{"momentum_buffer": Tensor}`` in the param's dtype and shape (torch.optim.SGD's own key), or
+  * ``{"step": 0-dim float32, "state1": uint8 (param's shape), "absmax1": float32[blocks],
+    "qmap1": float32[256]}`` (bitsandbytes' 8-bit keys).
+Saved state may come in any of these, or as bitsandbytes writes it: ``step`` as an int, keys nested
+under ``"__bnb_optimizer_quant_state__"``, and a float32 ``state1`` for 32-bit state. Each param's state
+is converted to what this optimizer keeps for it (8-bit or full precision); everything is validated
+before the optimizer is touched.
+"""
+from __future__ import annotations
+
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .quantization import signed_dynamic_map
+
+FORMAT_KEY = "torchsgd8_format_version"
+FORMAT_VERSION = 1
+BNB_WRAPPED_KEY = "__bnb_optimizer_quant_state__"
+
+# Keys bitsandbytes may store that carry no momentum information for SGD (statistics for clipping).
+_BNB_IGNORABLE_KEYS = {"gnorm_vec", "unorm_vec"}
+# Group keys torch.optim.SGD / bitsandbytes store that torchsgd8 does not use.
+_FOREIGN_GROUP_KEYS = {"foreach", "fused", "differentiable", "betas", "eps", "param_names"}
+
+
+class StateDictError(ValueError):
+    """A state dict that cannot be loaded; the message names the group or parameter."""
+
+
+def convert_state_dict(optimizer, state_dict: dict[str, Any]) -> tuple[list[dict], dict]:
+    """Returns (param_groups, state) ready for ``optimizer.__setstate__``, or raises StateDictError."""
+    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise StateDictError("optimizer state dict must be a dict with 'state' and 'param_groups'")
+    version = state_dict.get(FORMAT_KEY)
+    if version is not None and version != FORMAT_VERSION:
+        raise StateDictError(
+            f"state dict has torchsgd8 format version {version!r}; this torchsgd8 reads version {FORMAT_VERSION}"
+        )
+    groups = optimizer.param_groups
+    saved_groups = state_dict["param_groups"]
+    if len(groups) != len(saved_groups):
+        raise StateDictError(
+            f"state dict has {len(saved_groups)} param groups, the optimizer has {len(groups)}"
+        )
+    for i, (group, saved) in enumerate(zip(groups, saved_groups)):
+        if len(group["params"]) != len(saved["params"]):
+            raise StateDictError(
+                f"param group {i} has {len(group['params'])} params, the state dict's has {len(saved['params'])}"
+            )
+
+    new_groups = [_convert_group(group, saved, i) for i, (group, saved) in enumerate(zip(groups, saved_groups))]
+    for group in new_groups:
+        from .optim import _validate_group  # local: optim imports this module
+
+        try:
+            _validate_group(group)
+        except (ValueError, TypeError) as e:
+            raise StateDictError(f"state dict has an invalid param group: {e}") from e
+
+    saved_ids = list(chain.from_iterable(g["params"] for g in saved_groups))
+    id_to_param = dict(zip(saved_ids, chain.from_iterable(g["params"] for g in groups)))
+    id_to_group = {pid: new_groups[gi] for gi, g in enumerate(saved_groups) for pid in g["params"]}
+    id_to_index = {pid: idx for idx, pid in enumerate(saved_ids)}
+    unknown = [k for k in state_dict["state"] if k not in id_to_param]
+    if unknown:
+        raise StateDictError(f"state dict has state for unknown param ids {unknown[:5]}")
+
+    state: dict[Tensor, dict] = {}
+    for pid, saved_state in state_dict["state"].items():
+        param = id_to_param[pid]
+        where = f"param {id_to_index[pid]} (shape {tuple(param.shape)}, {param.dtype})"
+        converted = _convert_param_state(optimizer, saved_state, param, id_to_group[pid], where)
+        if converted:
+            state[param] = converted
+    return new_groups, state
+
+
+def _convert_group(group: dict, saved: dict, index: int) -> dict:
+    """Saved hyperparameters win (that is what loading means); precision (optim_bits, min_8bit_size)
+    stays this optimizer's, so e.g. a torch.optim.SGD checkpoint loads into SGD8bit as 8-bit state."""
+    new = {k: v for k, v in saved.items() if k not in _FOREIGN_GROUP_KEYS}
+    if "betas" in saved and "momentum" not in saved:  # bitsandbytes stores (momentum, dampening) as betas
+        betas = saved["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise StateDictError(f"param group {index}: 'betas' must be a (momentum, dampening) pair")
+        new["momentum"], new["dampening"] = betas
+    for key in ("lr", "momentum", "dampening", "weight_decay"):
+        if key not in new:
+            raise StateDictError(f"param group {index} of the state dict has no '{key}'")
+    for key in ("nesterov", "maximize", "optim_bits", "min_8bit_size"):
+        if key in ("optim_bits", "min_8bit_size") or key not in new:
+            new[key] = group[key]
+    lr = group["lr"]
+    if isinstance(lr, Tensor) and not isinstance(new["lr"], Tensor):  # keep a tensor lr a tensor (in place)
+        new["lr"] = lr.detach().clone().fill_(new["lr"])
+    new["params"] = group["params"]
+    return new
+
+
+def _unwrap(saved_state: dict, where: str) -> dict:
+    if not isinstance(saved_state, dict):
+        raise StateDictError(f"{where}: state must be a dict, got {type(saved_state).__name__}")
+    flat = {k: v for k, v in saved_state.items() if k != BNB_WRAPPED_KEY}
+    wrapped = saved_state.get(BNB_WRAPPED_KEY, {})
+    if not isinstance(wrapped, dict):
+        raise StateDictError(f"{where}: '{BNB_WRAPPED_KEY}' must be a dict")
+    for k, v in wrapped.items():
+        if k in flat:
+            raise StateDictError(f"{where}: key '{k}' appears both wrapped and unwrapped")
+        flat[k] = v
+    return {k: v for k, v in flat.items() if k not in _BNB_IGNORABLE_KEYS}
+
+
+def _check_tensor(value: Any, where: str, key: str, shape=None, dtype=None, floating=False) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise StateDictError(f"{where}: '{key}' must be a tensor, got {type(value).__name__}")
+    if shape is not None and tuple(value.shape) != tuple(shape):
+        raise StateDictError(f"{where}: '{key}' has shape {tuple(value.shape)}, expected {tuple(shape)}")
+    if dtype is not None and value.dtype != dtype:
+        raise StateDictError(f"{where}: '{key}' has dtype {value.dtype}, expected {dtype}")
+    if floating and not (value.is_floating_point() or value.is_complex()):
+        raise StateDictError(f"{where}: '{key}' must be floating point, got {value.dtype}")
+    return value
+
+
+def _read_step(value: Any, where: str) -> Tensor:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise StateDictError(f"{where}: 'step' must hold one number, got shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise StateDictError(f"{where}: 'step' must be a number >= 0, got {value!r}")
+    return torch.tensor(float(value), dtype=torch.float32)
+
+
+def _read_momentum(flat: dict, param: Tensor, where: str) -> tuple[str, Any]:
+    """Returns ("none", None), ("full", buffer tensor) or ("8bit", (codes, absmax, qmap, step))."""
+    keys = set(flat)
+    if not keys or keys == {"step"}:
+        return "none", None
+    if "momentum_buffer" in keys:
+        extra = keys - {"momentum_buffer"}
+        if extra:
+            raise StateDictError(f"{where}: unexpected keys {sorted(extra)} beside 'momentum_buffer'")
+        buf = flat["momentum_buffer"]
+        if buf is None:
+            return "none", None
+        return "full", _check_tensor(buf, where, "momentum_buffer", shape=param.shape, floating=True)
+    if "state1" not in keys:
+        raise StateDictError(f"{where}: no 'momentum_buffer' or 'state1' among keys {sorted(keys)}")
+    state1 = flat["state1"]
+    _check_tensor(state1, where, "state1", shape=param.shape)
+    if state1.dtype == torch.uint8:
+        missing = {"absmax1", "qmap1"} - keys
+        if missing:
+            raise StateDictError(f"{where}: 8-bit 'state1' needs {sorted(missing)}")
+        extra = keys - {"state1", "absmax1", "qmap1", "step"}
+        if extra:
+            raise StateDictError(f"{where}: unexpected keys {sorted(extra)} in 8-bit state")
+        absmax = _check_tensor(flat["absmax1"], where, "absmax1", shape=(ops.num_blocks(param.numel()),),
+                               dtype=torch.float32)
+        qmap = _check_tensor(flat["qmap1"], where, "qmap1", shape=(256,), dtype=torch.float32)
+        if not bool((qmap[1:] > qmap[:-1]).all()):
+            raise StateDictError(f"{where}: 'qmap1' must be strictly increasing")
+        return "8bit", (state1, absmax, qmap, _read_step(flat.get("step", 1), where))
+    extra = keys - {"state1", "step"}
+    if extra:
+        raise StateDictError(f"{where}: unexpected keys {sorted(extra)} in 32-bit state")
+    return "full", _check_tensor(state1, where, "state1", floating=True)
+
+
+def _convert_param_state(optimizer, saved_state: Any, param: Tensor, group: dict, where: str) -> dict:
+    kind, value = _read_momentum(_unwrap(saved_state, where), param, where)
+    if kind == "none" or ops_zero(group["momentum"]):
+        return {}
+    want_8bit = optimizer._wants_8bit(param, group)
+    if kind == "full":
+        buf = value.detach().to(device=param.device)
+        if not want_8bit:
+            return {"momentum_buffer": buf.to(param.dtype).contiguous().clone()}
+        codes, absmax = ops.quantize_blockwise(buf.to(torch.float32).contiguous())
+        return _8bit_state(optimizer, param, codes, absmax, torch.tensor(1.0))
+    codes, absmax, qmap, step = value
+    codes, absmax = codes.to(param.device).contiguous(), absmax.to(param.device).contiguous()
+    ours = optimizer._qmap(param.device)
+    same_codebook = torch.equal(qmap.to(param.device), ours)
+    if want_8bit and same_codebook:
+        return _8bit_state(optimizer, param, codes.clone(), absmax.clone(), step)
+    # decode with the saved codebook: qmap[code] * absmax[block]
+    blocks = torch.arange(codes.numel(), device=param.device) // 256
+    values = (qmap.to(param.device)[codes.reshape(-1).long()] * absmax[blocks]).reshape(param.shape)
+    if not want_8bit:
+        return {"momentum_buffer": values.to(param.dtype)}
+    codes, absmax = ops.quantize_blockwise(values)
+    return _8bit_state(optimizer, param, codes, absmax, step)
+
+
+def _8bit_state(optimizer, param: Tensor, codes: Tensor, absmax: Tensor, step: Tensor) -> dict:
+    return {"step": step, "state1": codes, "absmax1": absmax, "qmap1": optimizer._qmap(param.device)}
+
+
+def ops_zero(value) -> bool:
+    return bool(value == 0)

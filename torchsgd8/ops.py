@@ -1,0 +1,101 @@
+"""Typed Python wrappers of the torchsgd8 ops, and their fake (meta) implementations.
+
+The schemas are declared in csrc/ops.cpp; kernels are in csrc/<device>/. The fake implementations
+describe outputs only, so the ops trace under torch.compile, torch.export and FakeTensor.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (loads the library that registers the ops)
+from .quantization import BLOCK_SIZE
+
+__all__ = ["sgd_update_", "sgd8bit_update_", "quantize_blockwise", "dequantize_blockwise", "num_blocks"]
+
+
+def num_blocks(numel):
+    """Number of 256-element absmax blocks of a tensor with ``numel`` elements (works for SymInts)."""
+    return (numel + BLOCK_SIZE - 1) // BLOCK_SIZE
+
+
+def sgd_update_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    lr: Tensor,
+    momentum: Tensor,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: bool,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+) -> None:
+    """torch.optim.SGD's update of every param in place (momentum_buffers empty when momentum == 0)."""
+    torch.ops.torchsgd8.sgd_update_.default(
+        params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize,
+        first_step, grad_scale, found_inf,
+    )
+
+
+def sgd8bit_update_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    codes: Sequence[Tensor],
+    absmax: Sequence[Tensor],
+    lr: Tensor,
+    momentum: Tensor,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: bool,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+) -> None:
+    """The same update with the momentum buffer stored as 8-bit blockwise codes + absmax, in place."""
+    torch.ops.torchsgd8.sgd8bit_update_.default(
+        params, grads, codes, absmax, lr, momentum, dampening, weight_decay, nesterov, maximize,
+        first_step, grad_scale, found_inf,
+    )
+
+
+def quantize_blockwise(values: Tensor) -> tuple[Tensor, Tensor]:
+    """values -> (uint8 codes of values' shape, float32 absmax with one entry per 256-element block)."""
+    return torch.ops.torchsgd8.quantize_blockwise.default(values)
+
+
+def dequantize_blockwise(codes: Tensor, absmax: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(codes, absmax) -> values of ``dtype``: qmap[code] * absmax[block]."""
+    return torch.ops.torchsgd8.dequantize_blockwise.default(codes, absmax, dtype)
+
+
+@torch.library.register_fake("torchsgd8::sgd_update_")
+def _(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize,
+      first_step, grad_scale=None, found_inf=None):
+    torch._check(len(params) == len(grads), lambda: "sgd_update_: params and grads differ in length")
+    return None
+
+
+@torch.library.register_fake("torchsgd8::sgd8bit_update_")
+def _(params, grads, codes, absmax, lr, momentum, dampening, weight_decay, nesterov, maximize,
+      first_step, grad_scale=None, found_inf=None):
+    torch._check(len(params) == len(grads) == len(codes) == len(absmax),
+                 lambda: "sgd8bit_update_: params, grads, codes and absmax differ in length")
+    return None
+
+
+@torch.library.register_fake("torchsgd8::quantize_blockwise")
+def _(values):
+    codes = torch.empty_like(values, dtype=torch.uint8, memory_format=torch.contiguous_format)
+    absmax = values.new_empty((num_blocks(values.numel()),), dtype=torch.float32)
+    return codes, absmax
+
+
+@torch.library.register_fake("torchsgd8::dequantize_blockwise")
+def _(codes, absmax, dtype):
+    return torch.empty_like(codes, dtype=dtype, memory_format=torch.contiguous_format)

@@ -1,0 +1,286 @@
+"""SGD, SGD8bit and SGD32bit: the bitsandbytes constructors with torch.optim.SGD's exact semantics.
+
+The classes only validate, bucket and call ops: ``step()`` groups the params of each param group by
+(device, dtype, state kind, first step) and makes one fused op call per bucket. All math is in the
+kernels (csrc/), all state-dict conversion in ``_state.py``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import _state, ops
+from .quantization import ZERO_CODE, signed_dynamic_map
+
+__all__ = ["SGD", "SGD8bit", "SGD32bit"]
+
+# bitsandbytes' `args` fields we can be asked about, with the values meaning "feature off". Fields we
+# implement (optim_bits, min_8bit_size) are read; the others must keep these values.
+_BNB_ARGS_UNSUPPORTED_DEFAULTS = {
+    "percentile_clipping": 100,
+    "max_unorm": 0.0,
+    "skip_zeros": False,
+    "block_wise": True,
+    "is_paged": False,
+}
+
+# dtypes whose momentum can be kept in 8 bits; others (float64, complex) keep a full-precision buffer.
+_8BIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_hyperparameter(name: str, value: Any, *, allow_tensor: bool) -> None:
+    if isinstance(value, Tensor):
+        if not allow_tensor:
+            raise TypeError(f"torchsgd8: {name} must be a Python number, got a tensor")
+        if value.numel() != 1:
+            raise ValueError(f"torchsgd8: Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
+        if value.requires_grad:
+            raise ValueError(f"torchsgd8: Tensor {name} must not require grad")
+        number = float(value.detach().cpu())
+    elif _is_number(value):
+        number = float(value)
+    else:
+        raise TypeError(f"torchsgd8: {name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(number):
+        raise ValueError(f"Invalid {name} value: {number} (must be finite)")
+    if number < 0.0:
+        raise ValueError(f"Invalid {name} value: {number} (must be >= 0)")
+
+
+def _validate_group(group: dict) -> None:
+    """Checks one param group's hyperparameters; raises ValueError/TypeError a user can act on."""
+    _check_hyperparameter("learning rate", group["lr"], allow_tensor=True)
+    _check_hyperparameter("momentum", group["momentum"], allow_tensor=True)
+    _check_hyperparameter("dampening", group["dampening"], allow_tensor=False)
+    _check_hyperparameter("weight_decay", group["weight_decay"], allow_tensor=False)
+    if group["nesterov"] and (float(group["momentum"]) <= 0 or group["dampening"] != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    if group["optim_bits"] not in (8, 32):
+        raise ValueError(f"torchsgd8: optim_bits must be 8 or 32, got {group['optim_bits']!r}")
+    if not isinstance(group["min_8bit_size"], int) or group["min_8bit_size"] < 0:
+        raise ValueError(f"torchsgd8: min_8bit_size must be an int >= 0, got {group['min_8bit_size']!r}")
+    for p in group["params"]:
+        if p.is_sparse:
+            raise ValueError("torchsgd8: sparse parameters are not supported")
+        if not (p.is_floating_point() or p.is_complex()):
+            raise ValueError(f"torchsgd8: can only optimize floating-point or complex params, got {p.dtype}")
+
+
+def _read_bnb_args(args: Any, optim_bits: int, min_8bit_size: int) -> tuple[int, int]:
+    """bitsandbytes' `args` object overrides optim_bits / min_8bit_size; features we do not implement
+    must be left at their 'off' value rather than silently ignored. Unrelated attributes (args is often
+    a whole argparse namespace) are ignored."""
+    if args is None:
+        return optim_bits, min_8bit_size
+    for name, off in _BNB_ARGS_UNSUPPORTED_DEFAULTS.items():
+        if hasattr(args, name) and getattr(args, name) != off:
+            raise NotImplementedError(
+                f"torchsgd8: args.{name}={getattr(args, name)!r} is not supported "
+                f"(only {off!r}); torchsgd8 implements optim_bits and min_8bit_size from `args`"
+            )
+    return getattr(args, "optim_bits", optim_bits), getattr(args, "min_8bit_size", min_8bit_size)
+
+
+def _as_tensor(value: float | Tensor) -> Tensor:
+    """Hyperparameters go to the ops as 0-dim tensors, so schedules don't recompile compiled steps."""
+    return value if isinstance(value, Tensor) else torch.tensor(float(value), dtype=torch.float64)
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with (optionally 8-bit) momentum; exactly torch.optim.SGD's rule.
+
+    Args:
+        params: iterable of parameters or param-group dicts (groups may override any hyperparameter,
+            including ``optim_bits`` and ``min_8bit_size``).
+        lr: learning rate, a float or a 1-element tensor (a tensor lets LR schedules run without
+            recompiling a compiled step).
+        momentum, dampening, weight_decay, nesterov, maximize: as in torch.optim.SGD.
+        optim_bits: 32 keeps the momentum buffer in the param's dtype (torch's ``momentum_buffer``);
+            8 stores it as blockwise-quantized uint8 codes (bitsandbytes' ``state1``/``absmax1``/``qmap1``).
+        args: a bitsandbytes-style argument object; its ``optim_bits`` and ``min_8bit_size`` override
+            the keyword arguments.
+        min_8bit_size: params with fewer elements keep a full-precision buffer even when optim_bits=8.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor,
+        momentum: float | Tensor = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+        optim_bits: int = 32,
+        args: Any = None,
+        min_8bit_size: int = 4096,
+        *,
+        maximize: bool = False,
+    ) -> None:
+        optim_bits, min_8bit_size = _read_bnb_args(args, optim_bits, min_8bit_size)
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            optim_bits=optim_bits,
+            min_8bit_size=min_8bit_size,
+        )
+        _validate_group({**defaults, "params": []})
+        self._qmaps: dict[torch.device, Tensor] = {}
+        super().__init__(params, defaults)
+        # GradScaler: lets scaler.step() hand us grad_scale / found_inf instead of unscaling first.
+        self._step_supports_amp_scaling = True
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        _validate_group(self.param_groups[-1])
+
+    # ---- state -------------------------------------------------------------------------------------
+
+    def _qmap(self, device: torch.device) -> Tensor:
+        """One shared copy of the 256-entry codebook per device (bitsandbytes' `qmap1`)."""
+        if device not in self._qmaps:
+            self._qmaps[device] = signed_dynamic_map().to(device)
+        return self._qmaps[device]
+
+    @staticmethod
+    def _wants_8bit(p: Tensor, group: dict) -> bool:
+        return group["optim_bits"] == 8 and p.dtype in _8BIT_DTYPES and p.numel() >= group["min_8bit_size"]
+
+    def _init_state(self, p: Tensor, group: dict, state: dict) -> None:
+        if self._wants_8bit(p, group):
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["state1"] = torch.full(p.shape, ZERO_CODE, dtype=torch.uint8, device=p.device)
+            state["absmax1"] = torch.zeros(ops.num_blocks(p.numel()), dtype=torch.float32, device=p.device)
+            state["qmap1"] = self._qmap(p.device)
+        else:
+            state["momentum_buffer"] = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+
+    # ---- step --------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        """Performs one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            self._update_group(group, grad_scale, found_inf)
+        return loss
+
+    def _update_group(self, group: dict, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        uses_momentum = not _is_zero(group["momentum"])
+        # key: (device, dtype, "fp32" | "8bit" | "none", first_step) -> per-bucket lists
+        buckets: dict[tuple, dict[str, list]] = {}
+        staged: list[tuple[Tensor, Tensor]] = []  # (param, contiguous copy) for non-contiguous params
+        for p in group["params"]:
+            grad = p.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError("torchsgd8: sparse gradients are not supported; use torch.optim.SGD")
+            state = self.state[p]
+            first_step = uses_momentum and not state
+            if first_step:
+                self._init_state(p, group, state)
+            kind = "none" if not uses_momentum else ("8bit" if "state1" in state else "fp32")
+            work = p
+            if p.is_complex():  # like torch: complex params are updated as (real, imag) pairs
+                work, grad = torch.view_as_real(p), torch.view_as_real(grad)
+            if not work.is_contiguous():
+                work = work.contiguous()
+                staged.append((p, work))
+            bucket = buckets.setdefault((p.device, work.dtype, kind, first_step), _new_bucket())
+            bucket["params"].append(work)
+            bucket["grads"].append(grad.contiguous())
+            if kind == "fp32":
+                buf = state["momentum_buffer"]
+                bucket["buffers"].append(torch.view_as_real(buf) if buf.is_complex() else buf)
+            elif kind == "8bit":
+                bucket["codes"].append(state["state1"])
+                bucket["absmax"].append(state["absmax1"])
+                bucket["steps"].append(state["step"])
+
+        lr = _as_tensor(group["lr"])
+        momentum = _as_tensor(group["momentum"])
+        for (_, _, kind, first_step), b in buckets.items():
+            common = (lr, momentum, float(group["dampening"]), float(group["weight_decay"]),
+                      bool(group["nesterov"]), bool(group["maximize"]), first_step, grad_scale, found_inf)
+            if kind == "8bit":
+                ops.sgd8bit_update_(b["params"], b["grads"], b["codes"], b["absmax"], *common)
+                torch._foreach_add_(b["steps"], 1)
+                if found_inf is not None:  # a skipped step does not count, as in torch's fused optimizers
+                    torch._foreach_sub_(b["steps"], [found_inf.to(torch.float32).cpu()] * len(b["steps"]))
+            else:
+                ops.sgd_update_(b["params"], b["grads"], b["buffers"], *common)
+        for p, work in staged:
+            p.copy_(work.view_as(p) if not p.is_complex() else torch.view_as_complex(work))
+
+    # ---- state dict ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's layout (``state`` keyed by param index, ``param_groups``) plus a format version.
+
+        fp32 buffers are ``momentum_buffer`` (as torch.optim.SGD); 8-bit ones are bitsandbytes' ``step``,
+        ``state1``, ``absmax1``, ``qmap1``. Only tensors and Python numbers: ``torch.load(weights_only=True)``
+        reads it.
+        """
+        sd = super().state_dict()
+        sd[_state.FORMAT_KEY] = _state.FORMAT_VERSION
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a state dict saved by torchsgd8, torch.optim.SGD, or bitsandbytes' SGD / SGD8bit / SGD32bit.
+
+        Momentum is converted to this optimizer's precision (fp32 <-> 8-bit) where they differ. Every key,
+        shape and dtype is validated before anything changes; errors name the offending parameter.
+        """
+        groups, state = _state.convert_state_dict(self, state_dict)
+        self.__setstate__({"state": state, "param_groups": groups})
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_qmaps", {})
+        self._step_supports_amp_scaling = True
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+
+def _new_bucket() -> dict[str, list]:
+    return {"params": [], "grads": [], "buffers": [], "codes": [], "absmax": [], "steps": []}
+
+
+def _is_zero(value: float | Tensor) -> bool:
+    return bool(value == 0)
+
+
+class SGD8bit(SGD):
+    """SGD with 8-bit blockwise-quantized momentum (``SGD(..., optim_bits=8)``)."""
+
+    def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, args=None,
+                 min_8bit_size=4096, *, maximize=False):
+        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, 8, args, min_8bit_size,
+                         maximize=maximize)
+
+
+class SGD32bit(SGD):
+    """SGD with a full-precision momentum buffer (``SGD(..., optim_bits=32)``)."""
+
+    def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, args=None,
+                 min_8bit_size=4096, *, maximize=False):
+        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, 32, args, min_8bit_size,
+                         maximize=maximize)
