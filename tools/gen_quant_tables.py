@@ -1,23 +1,42 @@
-"""Print the C++ tables of csrc/quant.h: the signed dynamic map and its rounding thresholds.
+"""Print the C++ tables of csrc/quant.h: the signed dynamic map and its nearest-code lookup tables.
 
 Run: .venv/bin/python tools/gen_quant_tables.py > /tmp/tables.h  (then paste into csrc/quant.h)
 
 The map is bitsandbytes' create_dynamic_map(signed=True), rebuilt by torchsgd8.quantization (tests check
-it equals bitsandbytes' bit for bit). Threshold i separates code i from code i+1: the code of a float x is
-the number of thresholds strictly below x. Ties (x exactly on a midpoint) go to the code nearer zero.
+it equals bitsandbytes' bit for bit). The map is symmetric except for +1.0, so codes are found from |x|:
+c(|x|) = number of positive thresholds below |x|, and code = 127 + c (x >= 0) or 127 - min(c, 127).
+c is found without a search: the top bits of |x| (exponent and 6 mantissa bits) index a bucket, every
+bucket holds at most one threshold (asserted here), and kBucketBase[bucket] counts the thresholds below
+the bucket, so c = base + (|x| > kPositiveThresholds[base]).
 """
 import numpy as np
 
-from torchsgd8.quantization import signed_dynamic_map, rounding_thresholds
+from torchsgd8.quantization import (
+    BUCKET_SHIFT,
+    bucket_base_table,
+    bucket_offset,
+    positive_thresholds,
+    signed_dynamic_map,
+)
 
 
 def c_floats(values):
-    items = [float(v).hex() + "f" for v in values]
+    items = [float(v).hex() + "f" if np.isfinite(v) else "INFINITY" for v in values]
     return "\n".join("    " + ", ".join(items[i : i + 4]) + "," for i in range(0, len(items), 4))
 
 
+def c_ints(values):
+    items = [str(int(v)) for v in values]
+    return "\n".join("    " + ", ".join(items[i : i + 16]) + "," for i in range(0, len(items), 16))
+
+
 qmap = signed_dynamic_map().numpy()
-thresholds = rounding_thresholds(qmap)
-assert np.all(np.diff(thresholds) > 0)
+thresholds = positive_thresholds(qmap)
+base = bucket_base_table(thresholds)
 print("inline constexpr float kSignedDynamicMap[256] = {\n" + c_floats(qmap) + "\n};")
-print("inline constexpr float kCodeThresholds[255] = {\n" + c_floats(thresholds) + "\n};")
+print(f"// thresholds between 0, P[0], ..., P[127] = 1.0 (P = the 128 positive codes), then +inf padding")
+print(f"inline constexpr float kPositiveThresholds[{len(thresholds)}] = {{\n" + c_floats(thresholds) + "\n};")
+print(f"constexpr int kBucketShift = {BUCKET_SHIFT};")
+print(f"constexpr int kBucketOffset = {bucket_offset()};")
+print(f"constexpr int kNumBuckets = {len(base)};")
+print(f"inline constexpr int32_t kBucketBase[{len(base)}] = {{\n" + c_ints(base) + "\n};")

@@ -28,28 +28,58 @@ def signed_dynamic_map() -> torch.Tensor:
     return torch.cat(parts).sort().values
 
 
-def rounding_thresholds(qmap: np.ndarray) -> np.ndarray:
-    """float32 thresholds t[i] such that code(x) = #{i : t[i] < x} is the nearest code to float32 x.
+# Lookup of the nearest code (see csrc/quant.h): |x|'s float bits >> BUCKET_SHIFT (the exponent and the
+# top 6 mantissa bits) name a bucket; buckets below 2**LOWEST_BUCKET_EXPONENT are merged into bucket 0.
+BUCKET_SHIFT = 17
+LOWEST_BUCKET_EXPONENT = -23
 
-    The midpoint m of two neighbouring codes is exact in float64. For x float32, ``x > m`` equals
-    ``x > round_down_f32(m)``; ``x >= m`` equals ``x > prev_f32(round_up_f32(m))``. Positive midpoints use
-    the first (a tie stays on the smaller code), negative ones the second (a tie moves up, towards zero):
-    ties always go to the code of smaller magnitude.
+
+def positive_thresholds(qmap) -> np.ndarray:
+    """float32 t[j] (j = 0..127) such that |x| > t[j] exactly when |x| lies beyond the midpoint between
+    positive codes j-1 and j (code -1 meaning 0.0), plus a +inf sentinel at index 128.
+
+    Midpoints m of neighbouring float32 codes are exact in float64, and for float32 a, ``a > m`` equals
+    ``a > round_down_f32(m)``; a tie (a == m) stays on the smaller code. The map is symmetric apart from
+    +1.0, so the same thresholds serve negative values: ties always go towards zero.
     """
     qmap = np.asarray(qmap, dtype=np.float32)
-    mids = (qmap[:-1].astype(np.float64) + qmap[1:].astype(np.float64)) / 2.0
-    out = np.empty(mids.shape, dtype=np.float32)
-    for i, m in enumerate(mids):
-        f = np.float32(m)  # round to nearest
-        if m > 0:
-            if np.float64(f) > m:
-                f = np.nextafter(f, np.float32(-np.inf))
-        else:
-            if np.float64(f) < m:
-                f = np.nextafter(f, np.float32(np.inf))
-            f = np.nextafter(f, np.float32(-np.inf))
-        out[i] = f
-    return out
+    positive = np.concatenate([[0.0], qmap[qmap > 0]]).astype(np.float64)
+    assert len(positive) == 129 and np.array_equal(-qmap[:127][::-1], qmap[128:255])
+    mids = (positive[:-1] + positive[1:]) / 2.0
+    out = mids.astype(np.float32)  # round to nearest, then step down where that rounded up
+    up = out.astype(np.float64) > mids
+    out[up] = np.nextafter(out[up], np.float32(-np.inf))
+    return np.concatenate([out, [np.float32(np.inf)]]).astype(np.float32)
+
+
+def bucket_offset() -> int:
+    return int(np.float32(2.0**LOWEST_BUCKET_EXPONENT).view(np.uint32)) >> BUCKET_SHIFT
+
+
+def bucket_base_table(thresholds: np.ndarray) -> np.ndarray:
+    """base[b] = number of thresholds below the smallest float of bucket b, for buckets up to 1.0."""
+    finite = thresholds[:-1]
+    last = int(np.float32(1.0).view(np.uint32)) >> BUCKET_SHIFT
+    first = bucket_offset()
+    base = []
+    for b in range(first, last + 1):
+        lo = np.uint32(b << BUCKET_SHIFT).view(np.float32) if b > first else np.float32(0.0)
+        hi = np.uint32((b + 1) << BUCKET_SHIFT).view(np.float32)
+        inside = np.count_nonzero((finite >= lo) & (finite < hi))
+        assert inside <= 1, f"bucket {b} holds {inside} thresholds; use more mantissa bits"
+        base.append(np.count_nonzero(finite < lo))
+    return np.asarray(base, dtype=np.int32)
+
+
+def nearest_code(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' lookup, in PyTorch (for tests): uint8 codes of float32 ``x`` (already divided by absmax)."""
+    thresholds = torch.from_numpy(positive_thresholds(signed_dynamic_map().numpy()))
+    base = torch.from_numpy(bucket_base_table(thresholds.numpy())).long()
+    a = x.to(torch.float32).abs()
+    bucket = ((a.view(torch.int32) >> BUCKET_SHIFT) - bucket_offset()).clamp(0, len(base) - 1)
+    c = base[bucket.long()]
+    c = c + (a > thresholds[c]).long()
+    return torch.where(x < 0, ZERO_CODE - c.clamp(max=127), ZERO_CODE + c).to(torch.uint8)
 
 
 def nearest_code_reference(x: torch.Tensor, qmap: torch.Tensor | None = None) -> torch.Tensor:

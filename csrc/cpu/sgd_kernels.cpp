@@ -11,6 +11,9 @@
 #include <c10/util/irange.h>
 
 #include <algorithm>
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 #include <type_traits>
 #include <vector>
 
@@ -82,7 +85,10 @@ inline void store_parts(T* ptr, const Vectorized<acc_t> (&v)[kParts]) {
 // param[i], buf[i] <- sgd_rule(param[i], grad[i], buf[i]) for i < n. B is the buffer's storage type: the
 // param's dtype for the fp32-precision op, float for the 8-bit op's dequantized block.
 template <typename T, typename B, typename acc_t>
-void update_range(T* param, const T* grad, B* buf, int64_t n, const SgdHyper<acc_t>& h) {
+void update_range(T* param, const T* grad, B* buf, int64_t n, const SgdHyper<acc_t>& hyper) {
+  // A local copy: stores through param/buf could alias a referenced struct's fields, which would force
+  // the compiler to reload every hyperparameter and re-test every flag per element.
+  const SgdHyper<acc_t> h = hyper;
   const bool read_buf = h.use_momentum && !h.first_step;
   int64_t i = 0;
   for (; i + kStep<acc_t> <= n; i += kStep<acc_t>) {
@@ -129,16 +135,61 @@ inline float block_absmax(const float* v, int64_t n) {
   return result;
 }
 
+#if defined(CPU_CAPABILITY_AVX2)
+// nearest_code() for 8 lanes: the bucket lookup with two gathers (tables are a few KiB, L1-resident).
+inline void quantize_normalised_avx2(const float* v, float absmax, int64_t n, uint8_t* codes, int64_t& i) {
+  const __m256 scale = _mm256_set1_ps(absmax);
+  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+  const __m256i offset = _mm256_set1_epi32(kBucketOffset);
+  const __m256i last_bucket = _mm256_set1_epi32(kNumBuckets - 1);
+  const __m256i zero_code = _mm256_set1_epi32(kZeroCode);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_div_ps(_mm256_loadu_ps(v + i), scale);
+    const __m256 a = _mm256_andnot_ps(sign_bit, x);
+    __m256i bucket = _mm256_sub_epi32(_mm256_srli_epi32(_mm256_castps_si256(a), kBucketShift), offset);
+    bucket = _mm256_min_epi32(_mm256_max_epi32(bucket, _mm256_setzero_si256()), last_bucket);
+    __m256i c = _mm256_i32gather_epi32(kBucketBase, bucket, 4);
+    const __m256 threshold = _mm256_i32gather_ps(kPositiveThresholds, c, 4);
+    c = _mm256_sub_epi32(c, _mm256_castps_si256(_mm256_cmp_ps(a, threshold, _CMP_GT_OQ)));  // true is -1
+    const __m256i negative = _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ));
+    const __m256i code = _mm256_blendv_epi8(_mm256_add_epi32(zero_code, c),
+                                            _mm256_sub_epi32(zero_code, _mm256_min_epi32(c, zero_code)), negative);
+    const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i), _mm_packus_epi16(words, words));
+  }
+}
+
+inline void dequantize_avx2(const uint8_t* codes, float absmax, int64_t n, float* out, int64_t& i) {
+  const __m256 scale = _mm256_set1_ps(absmax);
+  for (; i + 8 <= n; i += 8) {
+    const __m256i index = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i)));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_i32gather_ps(kSignedDynamicMap, index, 4), scale));
+  }
+}
+#endif
+
 inline void quantize_block(const float* v, int64_t n, uint8_t* codes, float* absmax) {
   const float a = block_absmax(v, n);
   *absmax = a;
-  for (int64_t i = 0; i < n; ++i) {
-    codes[i] = quantize_value(v[i], a);
+  if (a == 0.0f) {
+    std::fill(codes, codes + n, kZeroCode);
+    return;
+  }
+  int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+  quantize_normalised_avx2(v, a, n, codes, i);
+#endif
+  for (; i < n; ++i) {
+    codes[i] = nearest_code(v[i] / a);
   }
 }
 
 inline void dequantize_block(const uint8_t* codes, float absmax, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+  dequantize_avx2(codes, absmax, n, out, i);
+#endif
+  for (; i < n; ++i) {
     out[i] = dequantize_value(codes[i], absmax);
   }
 }
@@ -220,8 +271,11 @@ void dequantize_blockwise(const at::Tensor& codes, const at::Tensor& absmax, con
     const float* scale = absmax.const_data_ptr<float>();
     scalar_t* values = out.data_ptr<scalar_t>();
     parallel_over_blocks(codes, [&](size_t, int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        values[i] = static_cast<scalar_t>(dequantize_value(in[i], scale[i / kBlockSize]));
+      alignas(64) float block[kBlockSize];
+      for (int64_t start = begin; start < end; start += kBlockSize) {
+        const int64_t n = std::min(kBlockSize, end - start);
+        dequantize_block(in + start, scale[start / kBlockSize], n, block);
+        std::copy(block, block + n, values + start);  // converts to scalar_t
       }
     });
   });

@@ -1,0 +1,366 @@
+"""The optimizer API: validation, lr forms, LR schedulers, state-dict interop, op-call bucketing, CLI."""
+from __future__ import annotations
+
+import copy
+import io
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.optim import lr_scheduler
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import torchsgd8
+
+CLASSES = [torchsgd8.SGD, torchsgd8.SGD32bit, torchsgd8.SGD8bit]
+
+
+def _params(gen, shapes=((5, 3), (3,), (300,)), dtype=torch.float32):
+    return [nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in shapes]
+
+
+def _clone(params):
+    return [nn.Parameter(p.detach().clone()) for p in params]
+
+
+def _set_grads(param_lists, gen):
+    """Gives every list the same fresh random grads (the lists hold params of equal shapes)."""
+    for ps in zip(*param_lists):
+        g = torch.randn(ps[0].shape, generator=gen, dtype=ps[0].dtype)
+        for p in ps:
+            p.grad = g.clone()
+
+
+def _assert_same(ours, ref, rtol=1e-6):
+    for p, r in zip(ours, ref):
+        err = (p.detach().double() - r.detach().double()).abs().max().item()
+        assert err <= rtol * max(r.detach().double().abs().max().item(), 1e-30)
+
+
+# ---- constructor validation ---------------------------------------------------------------------------
+
+TORCH_SHARED_INVALID = [
+    dict(lr=-0.1),
+    dict(lr=0.1, momentum=-0.5),
+    dict(lr=0.1, weight_decay=-1e-4),
+    dict(lr=0.1, nesterov=True),
+    dict(lr=0.1, momentum=0.0, nesterov=True),
+    dict(lr=0.1, momentum=0.9, dampening=0.1, nesterov=True),
+    dict(lr=torch.tensor([0.1, 0.2])),
+]
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("kwargs", TORCH_SHARED_INVALID, ids=lambda k: ",".join(f"{a}={v}" for a, v in k.items()))
+def test_invalid_hyperparameters_raise_like_torch(cls, kwargs):
+    with pytest.raises(ValueError):
+        torch.optim.SGD([nn.Parameter(torch.zeros(3))], **kwargs)
+    with pytest.raises(ValueError):
+        cls([nn.Parameter(torch.zeros(3))], **kwargs)
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("lr", [float("nan"), torch.tensor(float("nan"))], ids=["float", "tensor"])
+def test_nan_lr_raises(cls, lr):
+    with pytest.raises(ValueError, match="learning rate"):
+        cls([nn.Parameter(torch.zeros(3))], lr=lr)
+
+
+@pytest.mark.parametrize("bits", [0, 4, 16, 64, "8"])
+def test_optim_bits_must_be_8_or_32(bits):
+    with pytest.raises(ValueError, match="optim_bits"):
+        torchsgd8.SGD([nn.Parameter(torch.zeros(3))], lr=0.1, optim_bits=bits)
+    opt = torchsgd8.SGD([nn.Parameter(torch.zeros(3))], lr=0.1)
+    with pytest.raises(ValueError, match="optim_bits"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))], "optim_bits": bits})
+
+
+def test_add_param_group_validates():
+    opt = torchsgd8.SGD([nn.Parameter(torch.zeros(3))], lr=0.1)
+    with pytest.raises(ValueError):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))], "lr": -1.0})
+    with pytest.raises(ValueError):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))], "momentum": 0.0, "nesterov": True})
+
+
+def test_valid_construction_and_aliases():
+    assert torchsgd8.optim.SGD is torchsgd8.SGD
+    assert issubclass(torchsgd8.SGD8bit, torchsgd8.SGD) and issubclass(torchsgd8.SGD32bit, torchsgd8.SGD)
+    assert torchsgd8.SGD8bit([nn.Parameter(torch.zeros(3))], lr=0.1).defaults["optim_bits"] == 8
+    assert torchsgd8.SGD32bit([nn.Parameter(torch.zeros(3))], lr=0.1).defaults["optim_bits"] == 32
+    assert torchsgd8.SGD([nn.Parameter(torch.zeros(3))], lr=0.0, optim_bits=8).defaults["optim_bits"] == 8
+
+
+# ---- lr as float or tensor ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lr_kind", ["float", "0-dim", "1-elem"])
+def test_lr_float_or_one_element_tensor(lr_kind, gen):
+    make = {"float": lambda v: v, "0-dim": lambda v: torch.tensor(v), "1-elem": lambda v: torch.tensor([v])}[lr_kind]
+    init = _params(gen)
+    ours, ref = _clone(init), _clone(init)
+    lr = make(0.05)
+    opt = torchsgd8.SGD(ours, lr=lr, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref, lr=0.05, momentum=0.9, foreach=False)
+    for step in range(6):
+        if step == 3:  # change the lr between steps, the way a user or scheduler would
+            if isinstance(lr, torch.Tensor):
+                lr.fill_(0.01)
+            else:
+                opt.param_groups[0]["lr"] = 0.01
+            ref_opt.param_groups[0]["lr"] = 0.01
+        _set_grads([ours, ref], gen)
+        opt.step()
+        ref_opt.step()
+        _assert_same(ours, ref)
+    assert not torch.equal(ours[0], init[0])
+
+
+# ---- LR schedulers ----------------------------------------------------------------------------------------
+
+SCHEDULERS = {
+    "StepLR": lambda o: lr_scheduler.StepLR(o, step_size=4, gamma=0.5),
+    "OneCycleLR": lambda o: lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=25, cycle_momentum=True,
+                                                    base_momentum=0.8, max_momentum=0.95),
+    "CosineAnnealingLR": lambda o: lr_scheduler.CosineAnnealingLR(o, T_max=10, eta_min=0.001),
+    "LambdaLR": lambda o: lr_scheduler.LambdaLR(o, lambda epoch: 1.0 / (1 + epoch)),
+    "ReduceLROnPlateau": lambda o: lr_scheduler.ReduceLROnPlateau(o, mode="min", factor=0.5, patience=2),
+    "CyclicLR": lambda o: lr_scheduler.CyclicLR(o, base_lr=0.01, max_lr=0.1, step_size_up=4,
+                                                cycle_momentum=True, base_momentum=0.8, max_momentum=0.9),
+}
+CHANGES_MOMENTUM = {"OneCycleLR", "CyclicLR"}
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_lr_schedulers_drive_us_like_torch(name, tensor_lr, gen):
+    if tensor_lr and name in ("OneCycleLR", "CyclicLR", "ReduceLROnPlateau"):
+        pytest.skip("exercised with a float lr; tensor lr is covered by the simpler schedules")
+    x = torch.randn(32, 5, generator=gen)
+    y = torch.randn(32, 3, generator=gen)
+    init = _params(gen, shapes=((5, 3), (3,)))
+    runs = {}
+    for which in ("ours", "torch"):
+        params = _clone(init)
+        lr = torch.tensor(0.05) if tensor_lr else 0.05
+        kwargs = dict(lr=lr, momentum=0.9, weight_decay=1e-3)
+        opt = torchsgd8.SGD(params, **kwargs) if which == "ours" else torch.optim.SGD(params, foreach=False, **kwargs)
+        sched = SCHEDULERS[name](opt)
+        lrs, moms = [], []
+        for _ in range(20):
+            opt.zero_grad()
+            loss = ((x @ params[0] + params[1] - y) ** 2).mean()
+            loss.backward()
+            opt.step()
+            if name == "ReduceLROnPlateau":
+                sched.step(1.0)  # a metric that never improves: the lr must drop
+            else:
+                sched.step()
+            lrs.append(float(opt.param_groups[0]["lr"]))
+            moms.append(float(opt.param_groups[0]["momentum"]))
+        runs[which] = (params, lrs, moms)
+    (ours, lrs, moms), (ref, ref_lrs, ref_moms) = runs["ours"], runs["torch"]
+    assert lrs == ref_lrs and moms == ref_moms
+    assert len(set(lrs)) > 1
+    if name in CHANGES_MOMENTUM:
+        assert len(set(moms)) > 1
+    _assert_same(ours, ref)
+    assert not torch.equal(ours[0], init[0])
+
+
+# ---- state dicts ------------------------------------------------------------------------------------------
+
+
+def test_torch_state_dict_loads_into_sgd32bit(gen):
+    init = _params(gen)
+    ref = _clone(init)
+    ref_opt = torch.optim.SGD(ref, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01, foreach=False)
+    for step in range(4):
+        _set_grads([ref], gen)
+        if step == 0:
+            ref[2].grad = None  # param 2 joins late: its buffer is younger than the others
+        ref_opt.step()
+    ours = _clone(ref)
+    opt = torchsgd8.SGD32bit(ours, lr=1.0, momentum=0.1)  # loading must bring torch's hyperparameters
+    opt.load_state_dict(ref_opt.state_dict())  # live (not copied) dict: we must not alias its buffers
+    group = opt.param_groups[0]
+    assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (0.05, 0.9, True, 0.01)
+    for p, r in zip(ours, ref):
+        assert torch.equal(opt.state[p]["momentum_buffer"], ref_opt.state[r]["momentum_buffer"])
+    for _ in range(5):
+        _set_grads([ours, ref], gen)
+        opt.step()
+        ref_opt.step()
+    for p, r in zip(ours, ref):
+        _assert_same([p], [r])
+        _assert_same([opt.state[p]["momentum_buffer"]], [ref_opt.state[r]["momentum_buffer"]])
+
+
+def test_our_state_dict_loads_into_torch(gen):
+    init = _params(gen)
+    ours = _clone(init)
+    opt = torchsgd8.SGD32bit(ours, lr=0.05, momentum=0.9, dampening=0.2)
+    for step in range(4):
+        _set_grads([ours], gen)
+        if step == 0:
+            ours[1].grad = None
+        opt.step()
+    ref = _clone(ours)
+    ref_opt = torch.optim.SGD(ref, lr=1.0, foreach=False)
+    # torch's load_state_dict keeps the saved tensors when no cast is needed, so hand it a copy
+    ref_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert ref_opt.param_groups[0]["momentum"] == 0.9 and ref_opt.param_groups[0]["dampening"] == 0.2
+    for _ in range(5):
+        _set_grads([ours, ref], gen)
+        opt.step()
+        ref_opt.step()
+    _assert_same(ours, ref)
+    for p, r in zip(ours, ref):
+        _assert_same([opt.state[p]["momentum_buffer"]], [ref_opt.state[r]["momentum_buffer"]])
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_state_dict_roundtrip_through_torch_save_weights_only(bits, gen):
+    init = _params(gen, shapes=((5, 3), (600,), (300,)))
+    ours = _clone(init)
+    opt = torchsgd8.SGD(ours, lr=0.05, momentum=0.9, optim_bits=bits, min_8bit_size=256)
+    for _ in range(3):
+        _set_grads([ours], gen)
+        opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert loaded[next(k for k in loaded if k.startswith("torchsgd8"))] == opt.state_dict()["torchsgd8_format_version"]
+
+    copy_params = _clone(ours)
+    opt2 = torchsgd8.SGD(copy_params, lr=0.5, momentum=0.1, optim_bits=bits, min_8bit_size=256)
+    opt2.load_state_dict(loaded)
+    for p, q in zip(ours, copy_params):
+        s, s2 = opt.state[p], opt2.state[q]
+        assert s.keys() == s2.keys()
+        for k in s:
+            assert torch.equal(s[k], s2[k]), k
+    if bits == 8:
+        assert "state1" in opt.state[ours[1]] and "momentum_buffer" in opt.state[ours[0]]
+    for _ in range(3):
+        _set_grads([ours, copy_params], gen)
+        opt.step()
+        opt2.step()
+    for p, q in zip(ours, copy_params):
+        assert torch.equal(p, q)
+        for k in opt.state[p]:
+            assert torch.equal(opt.state[p][k], opt2.state[q][k])
+
+
+# ---- one op call per bucket ---------------------------------------------------------------------------------
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records every torchsgd8 op that reaches the dispatcher, with its arguments bound by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "torchsgd8":
+            bound = dict(zip([a.name for a in func._schema.arguments], args), **kwargs)
+            self.calls.append((func.__name__.split(".")[0], bound))
+        return func(*args, **kwargs)
+
+
+def _record_step(opt):
+    with OpRecorder() as rec:
+        opt.step()
+    return rec.calls
+
+
+def test_one_call_per_group_for_many_params(gen):
+    params = _params(gen, shapes=[(i + 1,) for i in range(20)] + [(33, 65)])
+    params.append(nn.Parameter(torch.randn(65, 33, generator=gen).t()))  # non-contiguous
+    opt = torchsgd8.SGD(params, lr=0.1, momentum=0.9)
+    for step in range(2):
+        _set_grads([params], gen)
+        calls = _record_step(opt)
+        assert len(calls) == 1
+        name, args = calls[0]
+        assert name == "sgd_update_"
+        assert len(args["params"]) == len(args["grads"]) == len(args["momentum_buffers"]) == 22
+        assert args["first_step"] is (step == 0)
+
+
+def test_no_momentum_call_has_no_buffers(gen):
+    params = _params(gen)
+    opt = torchsgd8.SGD(params, lr=0.1)
+    _set_grads([params], gen)
+    calls = _record_step(opt)
+    assert len(calls) == 1 and calls[0][0] == "sgd_update_"
+    assert len(calls[0][1]["params"]) == 3 and len(calls[0][1]["momentum_buffers"]) == 0
+
+
+def test_mixed_dtypes_in_one_group_make_two_calls(gen):
+    params = _params(gen) + _params(gen, dtype=torch.float64)
+    ref = _clone(params)
+    opt = torchsgd8.SGD(params, lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref, lr=0.1, momentum=0.9, foreach=False)
+    for _ in range(2):
+        _set_grads([params, ref], gen)
+        calls = _record_step(opt)
+        ref_opt.step()
+        assert len(calls) == 2
+        assert sorted(str(c[1]["params"][0].dtype) for c in calls) == ["torch.float32", "torch.float64"]
+        assert all(len(c[1]["params"]) == 3 for c in calls)
+    _assert_same(params, ref)
+
+
+def test_one_call_per_group(gen):
+    a, b = _params(gen), _params(gen)
+    opt = torchsgd8.SGD([{"params": a}, {"params": b, "lr": 0.01, "nesterov": True}], lr=0.1, momentum=0.9)
+    _set_grads([a + b], gen)
+    calls = _record_step(opt)
+    assert len(calls) == 2
+    assert [float(c[1]["lr"]) for c in calls] == [0.1, 0.01]
+    assert [c[1]["nesterov"] for c in calls] == [False, True]
+
+
+def test_late_first_step_is_its_own_bucket(gen):
+    params = _params(gen)
+    opt = torchsgd8.SGD(params, lr=0.1, momentum=0.9)
+    _set_grads([params], gen)
+    params[1].grad = None
+    calls = _record_step(opt)
+    assert len(calls) == 1 and len(calls[0][1]["params"]) == 2 and calls[0][1]["first_step"] is True
+    _set_grads([params], gen)
+    calls = _record_step(opt)
+    assert sorted((len(c[1]["params"]), c[1]["first_step"]) for c in calls) == [(1, True), (2, False)]
+
+
+def test_8bit_and_full_precision_state_kinds_are_separate_buckets(gen):
+    params = (_params(gen, shapes=((600,), (300,), (10,))) + _params(gen, shapes=((300,),), dtype=torch.float64))
+    opt = torchsgd8.SGD8bit(params, lr=0.1, momentum=0.9, min_8bit_size=256)
+    for step in range(2):
+        _set_grads([params], gen)
+        calls = _record_step(opt)
+        summary = sorted((name, str(args["params"][0].dtype), len(args["params"]), args["first_step"])
+                         for name, args in calls)
+        assert summary == [("sgd8bit_update_", "torch.float32", 2, step == 0),
+                           ("sgd_update_", "torch.float32", 1, step == 0),
+                           ("sgd_update_", "torch.float64", 1, step == 0)]
+
+
+# ---- python -m torchsgd8 ------------------------------------------------------------------------------------
+
+
+def test_module_main_prints_versions_ops_and_isa():
+    proc = subprocess.run([sys.executable, "-m", "torchsgd8"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert torchsgd8.__version__ in out
+    assert torch.__version__ in out
+    for op in ("sgd_update_", "sgd8bit_update_", "quantize_blockwise", "dequantize_blockwise"):
+        assert f"torchsgd8::{op}" in out
+    assert torchsgd8._C.cpu_isa() in out
