@@ -58,10 +58,8 @@ def convert_state_dict(optimizer, state_dict: dict[str, Any]) -> tuple[list[dict
 
     new_groups = [_convert_group(group, saved, i) for i, (group, saved) in enumerate(zip(groups, saved_groups))]
     for group in new_groups:
-        from .optim import _validate_group  # local: optim imports this module
-
         try:
-            _validate_group(group)
+            optimizer._validate_group(group)
         except (ValueError, TypeError) as e:
             raise StateDictError(f"state dict has an invalid param group: {e}") from e
 
@@ -179,7 +177,7 @@ def _read_momentum(flat: dict, param: Tensor, where: str) -> tuple[str, Any]:
 
 def _convert_param_state(optimizer, saved_state: Any, param: Tensor, group: dict, where: str) -> dict:
     kind, value = _read_momentum(_unwrap(saved_state, where), param, where)
-    if kind == "none" or ops_zero(group["momentum"]):
+    if kind == "none" or not optimizer._uses_momentum(group["momentum"]):
         return {}
     want_8bit = optimizer._wants_8bit(param, group)
     if kind == "full":
@@ -206,6 +204,3 @@ def _convert_param_state(optimizer, saved_state: Any, param: Tensor, group: dict
 def _8bit_state(optimizer, param: Tensor, codes: Tensor, absmax: Tensor, step: Tensor) -> dict:
     return {"step": step, "state1": codes, "absmax1": absmax, "qmap1": optimizer._qmap(param.device)}
 
-
-def ops_zero(value) -> bool:
-    return bool(value == 0)

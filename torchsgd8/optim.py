@@ -89,6 +89,24 @@ def _read_bnb_args(args: Any, optim_bits: int, min_8bit_size: int) -> tuple[int,
     return getattr(args, "optim_bits", optim_bits), getattr(args, "min_8bit_size", min_8bit_size)
 
 
+class _ParamGroup(dict):
+    """A param group in which assigning a number to a tensor-valued hyperparameter updates the tensor
+    in place.
+
+    torch's schedulers assign Python floats to ``group["momentum"]`` (OneCycleLR, CyclicLR) and, for a
+    float lr, to ``group["lr"]``. A compiled step specialises on such floats and recompiles every step.
+    When the user passes a tensor (``momentum=torch.tensor(0.9)``) the group keeps that tensor, and every
+    later numeric write becomes ``tensor.fill_(value)``: the compiled step reads the same tensor forever.
+    """
+
+    def __setitem__(self, key, value):
+        current = self.get(key)
+        if isinstance(current, Tensor) and _is_number(value) and current.numel() == 1:
+            current.fill_(value)
+        else:
+            super().__setitem__(key, value)
+
+
 def _as_tensor(value: float | Tensor) -> Tensor:
     """Hyperparameters go to the ops as 0-dim tensors, so schedules don't recompile compiled steps."""
     return value if isinstance(value, Tensor) else torch.tensor(float(value), dtype=torch.float64)
@@ -141,8 +159,20 @@ class SGD(Optimizer):
         # GradScaler: lets scaler.step() hand us grad_scale / found_inf instead of unscaling first.
         self._step_supports_amp_scaling = True
 
+    # param_groups is stored as a list of _ParamGroup. step() reads it as `_group_list`: dynamo treats the
+    # attribute named `param_groups` of any torch Optimizer specially (to set CUDA-graph `capturable`
+    # flags) and cannot do that for a dict subclass, while the same list under another name traces.
+    @property
+    def param_groups(self) -> list[dict]:
+        return self._group_list
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict]) -> None:
+        self._group_list = [g if isinstance(g, _ParamGroup) else _ParamGroup(g) for g in groups]
+
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
+        self.param_groups[-1] = _ParamGroup(self.param_groups[-1])
         _validate_group(self.param_groups[-1])
 
     # ---- state -------------------------------------------------------------------------------------
@@ -152,6 +182,9 @@ class SGD(Optimizer):
         if device not in self._qmaps:
             self._qmaps[device] = signed_dynamic_map().to(device)
         return self._qmaps[device]
+
+    _validate_group = staticmethod(_validate_group)
+    _uses_momentum = staticmethod(lambda momentum: _uses_momentum(momentum))
 
     @staticmethod
     def _wants_8bit(p: Tensor, group: dict) -> bool:
@@ -177,12 +210,12 @@ class SGD(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for group in self.param_groups:
+        for group in self._group_list:
             self._update_group(group, grad_scale, found_inf)
         return loss
 
     def _update_group(self, group: dict, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
-        uses_momentum = not _is_zero(group["momentum"])
+        uses_momentum = _uses_momentum(group["momentum"])
         # key: (device, dtype, "fp32" | "8bit" | "none", first_step) -> per-bucket lists
         buckets: dict[tuple, dict[str, list]] = {}
         staged: list[tuple[Tensor, Tensor]] = []  # (param, contiguous copy) for non-contiguous params
@@ -252,7 +285,8 @@ class SGD(Optimizer):
         self.__setstate__({"state": state, "param_groups": groups})
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
+        super().__setstate__(state)  # puts a plain "param_groups" list into __dict__; the property wins
+        self.param_groups = self.__dict__.pop("param_groups")
         self.__dict__.setdefault("_qmaps", {})
         self._step_supports_amp_scaling = True
         for group in self.param_groups:
@@ -264,8 +298,11 @@ def _new_bucket() -> dict[str, list]:
     return {"params": [], "grads": [], "buffers": [], "codes": [], "absmax": [], "steps": []}
 
 
-def _is_zero(value: float | Tensor) -> bool:
-    return bool(value == 0)
+def _uses_momentum(momentum: float | Tensor) -> bool:
+    """A tensor momentum is meant to be scheduled, so it always keeps a buffer: reading its value here
+    would break a compiled graph (and sync a device). With a zero tensor momentum and zero dampening the
+    result equals torch's no-momentum update exactly (buf = 0 * buf + grad = grad)."""
+    return isinstance(momentum, Tensor) or momentum != 0
 
 
 class SGD8bit(SGD):

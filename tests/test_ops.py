@@ -1,0 +1,346 @@
+"""The raw ops: torch.library.opcheck, argument checking, and the GradScaler arguments."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchsgd8  # noqa: F401  (registers torch.ops.torchsgd8)
+from torchsgd8 import ops
+
+OPS = torch.ops.torchsgd8
+SIZES = (1, 257, 1000)
+
+
+def _hyper(lr=0.1, momentum=0.9, dtype=torch.float64):
+    return torch.tensor(lr, dtype=dtype), torch.tensor(momentum, dtype=dtype)
+
+
+def _sgd_args(gen, dtype=torch.float32, momentum=True, first_step=False, nesterov=False, maximize=False,
+              sizes=SIZES, hyper_dtype=torch.float64):
+    params = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+    grads = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+    bufs = [torch.randn(n, generator=gen).to(dtype) for n in sizes] if momentum else []
+    lr, mom = _hyper(momentum=0.9 if momentum else 0.0, dtype=hyper_dtype)
+    damp = 0.0 if nesterov else 0.1
+    return [params, grads, bufs, lr, mom, damp, 0.01, nesterov, maximize, first_step]
+
+
+def _sgd8_args(gen, dtype=torch.float32, first_step=False, sizes=SIZES, nesterov=False, maximize=False):
+    params = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+    grads = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+    quantized = [ops.quantize_blockwise(torch.randn(n, generator=gen)) for n in sizes]
+    codes = [c for c, _ in quantized]
+    absmax = [a for _, a in quantized]
+    lr, mom = _hyper()
+    return [params, grads, codes, absmax, lr, mom, 0.0 if nesterov else 0.1, 0.01, nesterov, maximize,
+            first_step]
+
+
+AMP = {
+    "no-amp": {},
+    "scale": dict(grad_scale=torch.tensor(4.0), found_inf=torch.tensor(0.0)),
+    "skip": dict(grad_scale=torch.tensor(4.0), found_inf=torch.tensor(1.0)),
+}
+
+
+def _snapshot(args):
+    out = []
+    for a in args:
+        if isinstance(a, list):
+            out.append([t.clone() for t in a])
+        elif isinstance(a, torch.Tensor):
+            out.append(a.clone())
+    return out
+
+
+def _same_bits(x, y):
+    """Bitwise equality (NaNs included) of two tensors of equal dtype and shape."""
+    if x.dtype != y.dtype or x.shape != y.shape:
+        return False
+    return torch.equal(x.contiguous().reshape(-1).view(torch.uint8), y.contiguous().reshape(-1).view(torch.uint8))
+
+
+def _assert_unchanged(args, snap):
+    current = _snapshot(args)
+    assert len(current) == len(snap)
+    for now, before in zip(current, snap):
+        if isinstance(now, list):
+            assert len(now) == len(before)
+            for x, y in zip(now, before):
+                assert _same_bits(x, y)
+        else:
+            assert _same_bits(now, before)
+
+
+def _dtype_id(dt):
+    return str(dt).split(".")[-1]
+
+
+# ---- opcheck ------------------------------------------------------------------------------------------------
+
+SGD_SAMPLES = (
+    [(dt, m, fs, "no-amp") for dt in (torch.float32, torch.bfloat16, torch.float64)
+     for m, fs in ((True, False), (True, True), (False, False))]
+    + [(torch.float32, m, fs, amp) for m, fs in ((True, False), (True, True), (False, False))
+       for amp in ("scale", "skip")]
+)
+
+
+@pytest.mark.parametrize("dtype,momentum,first_step,amp", SGD_SAMPLES,
+                         ids=[f"{_dtype_id(d)}-{'mom' if m else 'nomom'}-{'first' if f else 'later'}-{a}"
+                              for d, m, f, a in SGD_SAMPLES])
+def test_opcheck_sgd_update(dtype, momentum, first_step, amp, gen):
+    args = _sgd_args(gen, dtype, momentum, first_step, nesterov=dtype == torch.bfloat16,
+                     maximize=dtype == torch.float64)
+    torch.library.opcheck(OPS.sgd_update_.default, tuple(args), AMP[amp])
+
+
+@pytest.mark.parametrize("momentum", [True, False])
+def test_opcheck_sgd_update_empty_list(momentum):
+    lr, mom = _hyper(momentum=0.9 if momentum else 0.0)
+    torch.library.opcheck(OPS.sgd_update_.default, ([], [], [], lr, mom, 0.0, 0.0, False, False, momentum))
+
+
+def test_opcheck_sgd_update_float32_hyperparameters_and_2d(gen):
+    args = _sgd_args(gen, sizes=(1,), hyper_dtype=torch.float32)
+    args[0].append(torch.randn(33, 65, generator=gen))
+    args[1].append(torch.randn(33, 65, generator=gen))
+    args[2].append(torch.randn(33, 65, generator=gen))
+    torch.library.opcheck(OPS.sgd_update_.default, tuple(args))
+
+
+SGD8_SAMPLES = (
+    [(dt, fs, "no-amp") for dt in (torch.float32, torch.bfloat16, torch.float16) for fs in (False, True)]
+    + [(torch.float32, False, amp) for amp in ("scale", "skip")]
+)
+
+
+@pytest.mark.parametrize("dtype,first_step,amp", SGD8_SAMPLES,
+                         ids=[f"{_dtype_id(d)}-{'first' if f else 'later'}-{a}" for d, f, a in SGD8_SAMPLES])
+def test_opcheck_sgd8bit_update(dtype, first_step, amp, gen):
+    args = _sgd8_args(gen, dtype, first_step, nesterov=dtype == torch.bfloat16)
+    torch.library.opcheck(OPS.sgd8bit_update_.default, tuple(args), AMP[amp])
+
+
+def test_opcheck_sgd8bit_update_empty_list():
+    lr, mom = _hyper()
+    torch.library.opcheck(OPS.sgd8bit_update_.default, ([], [], [], [], lr, mom, 0.0, 0.0, False, False, False))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.float16], ids=_dtype_id)
+@pytest.mark.parametrize("shape", [(1,), (257,), (1000,), (33, 65), (0,)], ids=str)
+def test_opcheck_quantize_blockwise(shape, dtype, gen):
+    torch.library.opcheck(OPS.quantize_blockwise.default, (torch.randn(shape, generator=gen).to(dtype),))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=_dtype_id)
+@pytest.mark.parametrize("shape", [(1,), (257,), (1000,), (33, 65)], ids=str)
+def test_opcheck_dequantize_blockwise(shape, dtype, gen):
+    codes, absmax = ops.quantize_blockwise(torch.randn(shape, generator=gen))
+    torch.library.opcheck(OPS.dequantize_blockwise.default, (codes, absmax, dtype))
+
+
+# ---- bad arguments: RuntimeError with a helpful message, nothing changed -----------------------------------
+
+
+def _bad_sgd_cases():
+    """(id, mutate(args), message regex); the offending tensor is the last of three, so a partial update
+    of the first ones would show."""
+    def grads_short(a):
+        a[1].pop()
+
+    def bufs_short(a):
+        a[2].pop()
+
+    def grad_shape(a):
+        a[1][2] = torch.randn(999)
+
+    def grad_dtype(a):
+        a[1][2] = a[1][2].double()
+
+    def noncontig_param(a):
+        a[0][2] = torch.randn(40, 25).t()
+        a[1][2] = torch.randn(25, 40)
+        a[2][2] = torch.randn(25, 40)
+
+    def noncontig_grad(a):
+        a[1][2] = torch.randn(2000)[::2]
+
+    def buf_dtype(a):
+        a[2][2] = a[2][2].double()
+
+    def buf_shape(a):
+        a[2][2] = torch.randn(10, 100)
+
+    def int_param(a):
+        a[0][2] = torch.zeros(1000, dtype=torch.int32)
+        a[1][2] = torch.zeros(1000, dtype=torch.int32)
+
+    def mixed_dtype(a):
+        for i in range(3):
+            a[i][2] = a[i][2].double()
+
+    def lr_two(a):
+        a[3] = torch.tensor([0.1, 0.2], dtype=torch.float64)
+
+    def momentum_two(a):
+        a[4] = torch.tensor([0.9, 0.9], dtype=torch.float64)
+
+    return [
+        ("grads-short", grads_short, r"3 params but 2 grads"),
+        ("buffers-short", bufs_short, r"3 params but 2 momentum_buffers"),
+        ("grad-shape", grad_shape, r"grad 2 .*must match its param"),
+        ("grad-dtype", grad_dtype, r"grad 2 .*must match its param"),
+        ("noncontig-param", noncontig_param, r"param 2 is not contiguous"),
+        ("noncontig-grad", noncontig_grad, r"grad 2 is not contiguous"),
+        ("buffer-dtype", buf_dtype, r"momentum_buffers\[2\] must have its param's dtype"),
+        ("buffer-shape", buf_shape, r"momentum_buffers\[2\] must be contiguous with its param's shape"),
+        ("int-param", int_param, r"params must be float32, float64, bfloat16 or float16; param 2"),
+        ("mixed-dtype", mixed_dtype, r"share device and dtype; param 2"),
+        ("lr-2-elements", lr_two, r"lr must be a 1-element tensor"),
+        ("momentum-2-elements", momentum_two, r"momentum must be a 1-element tensor"),
+    ]
+
+
+@pytest.mark.parametrize("name,mutate,message", _bad_sgd_cases(), ids=[c[0] for c in _bad_sgd_cases()])
+def test_sgd_update_rejects_bad_arguments(name, mutate, message, gen):
+    args = _sgd_args(gen)
+    mutate(args)
+    snap = _snapshot(args)
+    with pytest.raises(RuntimeError, match=message):
+        ops.sgd_update_(*args)
+    _assert_unchanged(args, snap)
+
+
+def _bad_sgd8_cases():
+    def codes_dtype(a):
+        a[2][2] = a[2][2].to(torch.int8)
+
+    def codes_float(a):
+        a[2][2] = a[2][2].float()
+
+    def codes_shape(a):
+        a[2][2] = a[2][2].reshape(10, 100)
+
+    def absmax_len(a):
+        a[3][2] = torch.ones(3)
+
+    def absmax_dtype(a):
+        a[3][2] = a[3][2].double()
+
+    def absmax_short(a):
+        a[3].pop()
+
+    def codes_short(a):
+        a[2].pop()
+
+    def fp64(a):
+        a[0] = [p.double() for p in a[0]]
+        a[1] = [g.double() for g in a[1]]
+
+    def lr_two(a):
+        a[4] = torch.tensor([0.1, 0.2], dtype=torch.float64)
+
+    def grad_shape(a):
+        a[1][2] = torch.randn(999)
+
+    return [
+        ("codes-int8", codes_dtype, r"codes\[2\] must be uint8"),
+        ("codes-float", codes_float, r"codes\[2\] must be uint8"),
+        ("codes-shape", codes_shape, r"codes\[2\] must be contiguous with its param's shape"),
+        ("absmax-length", absmax_len, r"absmax\[2\] must be a contiguous float32 vector of 4 blocks"),
+        ("absmax-dtype", absmax_dtype, r"absmax\[2\] must be a contiguous float32 vector"),
+        ("absmax-list-short", absmax_short, r"3 params but 2 absmax"),
+        ("codes-list-short", codes_short, r"3 params but 2 codes"),
+        ("float64-param", fp64, r"8-bit state is for float32/bfloat16/float16 params"),
+        ("lr-2-elements", lr_two, r"lr must be a 1-element tensor"),
+        ("grad-shape", grad_shape, r"grad 2 .*must match its param"),
+    ]
+
+
+@pytest.mark.parametrize("name,mutate,message", _bad_sgd8_cases(), ids=[c[0] for c in _bad_sgd8_cases()])
+def test_sgd8bit_update_rejects_bad_arguments(name, mutate, message, gen):
+    args = _sgd8_args(gen)
+    mutate(args)
+    snap = _snapshot(args)
+    with pytest.raises(RuntimeError, match=message):
+        ops.sgd8bit_update_(*args)
+    _assert_unchanged(args, snap)
+
+
+def test_quantize_dequantize_reject_bad_arguments(gen):
+    with pytest.raises(RuntimeError, match="values must be float32"):
+        ops.quantize_blockwise(torch.zeros(10, dtype=torch.int64))
+    codes, absmax = ops.quantize_blockwise(torch.randn(600, generator=gen))
+    with pytest.raises(RuntimeError, match="codes must be uint8"):
+        ops.dequantize_blockwise(codes.float(), absmax)
+    with pytest.raises(RuntimeError, match="absmax must be a float32 vector of 3 blocks"):
+        ops.dequantize_blockwise(codes, absmax[:2])
+    with pytest.raises(RuntimeError, match="absmax must be a float32 vector"):
+        ops.dequantize_blockwise(codes, absmax.double())
+    with pytest.raises(RuntimeError, match="dtype must be float32"):
+        ops.dequantize_blockwise(codes, absmax, torch.int32)
+
+
+# ---- found_inf / grad_scale ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("first_step", [False, True])
+@pytest.mark.parametrize("which", ["sgd_update_", "sgd8bit_update_"])
+def test_found_inf_leaves_everything_untouched(which, first_step, gen):
+    make, op = (_sgd_args, ops.sgd_update_) if which == "sgd_update_" else (_sgd8_args, ops.sgd8bit_update_)
+    args = make(gen, first_step=first_step)
+    args[1][0][0] = float("nan")  # what GradScaler would have found
+    args[1][1][5] = float("inf")
+    snap = _snapshot(args)
+    op(*args, grad_scale=torch.tensor(65536.0), found_inf=torch.tensor(1.0))
+    _assert_unchanged(args, snap)
+    # the same call with found_inf == 0 does update (so the check above is not vacuous)
+    args[1][0][0] = args[1][1][5] = 0.0
+    op(*args, grad_scale=torch.tensor(65536.0), found_inf=torch.tensor(0.0))
+    assert not torch.equal(args[0][2], snap[0][2])
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 3.0), (torch.float64, 3.0), (torch.bfloat16, 1024.0),
+                                         (torch.float16, 4.0)], ids=lambda v: str(v))
+@pytest.mark.parametrize("first_step", [False, True])
+def test_grad_scale_divides_grads(dtype, scale, first_step, gen):
+    args = _sgd_args(gen, dtype, first_step=first_step)
+    scaled = [g * scale for g in args[1]]
+    # manual unscale; bf16/fp16 use power-of-two scales, so dividing in the low dtype is exact too
+    manual = [g / scale for g in scaled]
+    expected = _snapshot(args)
+    expected[1] = manual
+    ops.sgd_update_(*expected[:3], *args[3:])
+    before = args[0][2].clone()
+    ops.sgd_update_(args[0], scaled, args[2], *args[3:], grad_scale=torch.tensor(scale))
+    for got, want in zip(args[0] + args[2], expected[0] + expected[2]):
+        assert torch.equal(got, want)
+    assert not torch.equal(args[0][2], before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+def test_grad_scale_divides_grads_8bit(dtype, gen):
+    args = _sgd8_args(gen, dtype)
+    scale = 512.0
+    expected = _snapshot(args)
+    ops.sgd8bit_update_(*expected[:4], *args[4:])
+    before = args[0][2].clone()
+    ops.sgd8bit_update_(args[0], [g * scale for g in args[1]], args[2], args[3], *args[4:],
+                        grad_scale=torch.tensor(scale))
+    for got, want in zip(args[0] + args[2] + args[3], expected[0] + expected[2] + expected[3]):
+        assert torch.equal(got, want)
+    assert not torch.equal(args[0][2], before)
+
+
+def test_first_step_does_not_read_buffers(gen):
+    args = _sgd_args(gen, first_step=True)
+    for b in args[2]:
+        b.fill_(float("nan"))
+    params = [p.clone() for p in args[0]]
+    ops.sgd_update_(*args)
+    lr, wd = float(args[3]), args[6]
+    for p0, g, b, p in zip(params, args[1], args[2], args[0]):
+        d = g + wd * p0
+        torch.testing.assert_close(b, d, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(p, p0 - lr * d, rtol=1e-6, atol=1e-6)
