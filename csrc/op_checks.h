@@ -86,7 +86,8 @@ inline void check_codes_and_absmax(at::TensorList params, at::TensorList codes, 
 inline bool read_hyper(const at::Tensor& lr, const at::Tensor& momentum, double dampening,
                        double weight_decay, bool nesterov, bool maximize, bool first_step,
                        bool use_momentum, const std::optional<at::Tensor>& grad_scale,
-                       const std::optional<at::Tensor>& found_inf, SgdHyper<double>& h) {
+                       const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& rounding_seed,
+                       at::TensorList params, SgdHyper<double>& h) {
   if (found_inf.has_value() && read_hyperparameter(*found_inf, "found_inf") != 0.0) {
     return false;
   }
@@ -100,6 +101,17 @@ inline bool read_hyper(const at::Tensor& lr, const at::Tensor& momentum, double 
   h.first_step = first_step;
   h.nesterov = nesterov;
   h.maximize = maximize;
+  h.stochastic_rounding = rounding_seed.has_value();
+  h.rounding_seed = 0;
+  if (h.stochastic_rounding) {
+    TORCH_CHECK(rounding_seed->numel() == 1 && rounding_seed->scalar_type() == at::kLong &&
+                    rounding_seed->device().is_cpu(),
+                "torchsgd8: rounding_seed must be a 1-element int64 CPU tensor");
+    TORCH_CHECK(params.empty() || params[0].scalar_type() == at::kBFloat16,
+                "torchsgd8: stochastic rounding (rounding_seed) applies to bfloat16 params, got ",
+                params[0].scalar_type());
+    h.rounding_seed = static_cast<uint64_t>(rounding_seed->item<int64_t>());
+  }
   return true;
 }
 

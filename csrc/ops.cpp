@@ -6,7 +6,8 @@
 // does not specialise on their values. `first_step` means the momentum buffers were just created (they
 // are not read: buffer = gradient, as torch.optim.SGD does). `grad_scale` / `found_inf` are the
 // GradScaler protocol of torch's fused optimizers: grads are divided by grad_scale, and when found_inf
-// is nonzero nothing at all is changed.
+// is nonzero nothing at all is changed. `rounding_seed` (an int64 0-dim tensor; bf16 params only)
+// turns on stochastic rounding of the new params, reproducible for a given seed.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -49,13 +50,13 @@ TORCH_LIBRARY(torchsgd8, m) {
   m.def(
       "sgd_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor lr, "
       "Tensor momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
-      "bool first_step, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "bool first_step, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? rounding_seed=None) -> ()");
   // 8-bit momentum: per param, uint8 codes (param's shape) and float32 absmax (one per 256-element
   // block). Dequantize, update, requantize each block in one pass.
   m.def(
       "sgd8bit_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] codes, Tensor(c!)[] absmax, "
       "Tensor lr, Tensor momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
-      "bool first_step, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "bool first_step, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? rounding_seed=None) -> ()");
   // values -> (uint8 codes of values' shape, float32 absmax[ceil(numel / 256)])
   m.def("quantize_blockwise(Tensor values) -> (Tensor codes, Tensor absmax)");
   // (codes, absmax) -> values of dtype `dtype` and codes' shape

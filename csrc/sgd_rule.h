@@ -19,6 +19,8 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define TORCHSGD8_HOST_DEVICE __host__ __device__ __forceinline__
@@ -50,6 +52,8 @@ struct SgdHyper {
   bool first_step;    // buffers were just created: buf = d, no dampening
   bool nesterov;
   bool maximize;
+  bool stochastic_rounding;  // bf16 params only: round the new param stochastically (see below)
+  uint64_t rounding_seed;
 };
 
 // Returns the new param; updates `buf` in place when momentum is in use (it is not read on the first step).
@@ -81,7 +85,43 @@ SgdHyper<acc_t> cast_hyper(const SgdHyper<double>& h) {
                          h.use_momentum,
                          h.first_step,
                          h.nesterov,
-                         h.maximize};
+                         h.maximize,
+                         h.stochastic_rounding,
+                         h.rounding_seed};
+}
+
+// ---- stochastic rounding of bf16 params ----
+// Small updates to a bf16 param are lost by round-to-nearest (|lr * d| below half an ulp never lands).
+// Adding uniform noise below the bf16 mantissa before truncating rounds up with probability equal to
+// the discarded fraction, so the expected stored value is the exact fp32 result. The noise is a
+// counter-based hash of (seed, tensor, element): the same seed gives the same bits on any thread count.
+
+TORCHSGD8_HOST_DEVICE uint32_t mix32(uint32_t x) {  // MurmurHash3's finaliser: a well-mixed bijection
+  x ^= x >> 16;
+  x *= 0x85ebca6bu;
+  x ^= x >> 13;
+  x *= 0xc2b2ae35u;
+  x ^= x >> 16;
+  return x;
+}
+
+TORCHSGD8_HOST_DEVICE uint32_t rounding_noise(uint64_t seed, uint32_t tensor, uint64_t index) {
+  const uint32_t key = mix32(static_cast<uint32_t>(seed) ^
+                             mix32(static_cast<uint32_t>(seed >> 32) ^
+                                   mix32(tensor * 0x9e3779b9u ^ static_cast<uint32_t>(index >> 32))));
+  return mix32(key ^ static_cast<uint32_t>(index));
+}
+
+// bf16 bits of v rounded up or down at random (inf/NaN are passed through by truncation, which keeps
+// them inf/NaN; the noise is only added to finite values).
+TORCHSGD8_HOST_DEVICE uint16_t stochastic_round_bf16_bits(float v, uint32_t noise) {
+  uint32_t bits;
+  static_assert(sizeof(bits) == sizeof(v));
+  std::memcpy(&bits, &v, sizeof(bits));
+  if ((bits & 0x7f800000u) != 0x7f800000u) {
+    bits += noise & 0xffffu;
+  }
+  return static_cast<uint16_t>(bits >> 16);
 }
 
 }  // namespace torchsgd8

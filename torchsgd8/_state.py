@@ -93,9 +93,12 @@ def _convert_group(group: dict, saved: dict, index: int) -> dict:
     for key in ("lr", "momentum", "dampening", "weight_decay"):
         if key not in new:
             raise StateDictError(f"param group {index} of the state dict has no '{key}'")
-    for key in ("nesterov", "maximize", "optim_bits", "min_8bit_size"):
-        if key in ("optim_bits", "min_8bit_size") or key not in new:
+    precision_keys = ("optim_bits", "min_8bit_size", "stochastic_rounding")
+    for key in ("nesterov", "maximize") + precision_keys:
+        if key in precision_keys or key not in new:
             new[key] = group[key]
+    if "rounding_seed" in group and not isinstance(new.get("rounding_seed"), Tensor):
+        new["rounding_seed"] = group["rounding_seed"]
     lr = group["lr"]
     if isinstance(lr, Tensor) and not isinstance(new["lr"], Tensor):  # keep a tensor lr a tensor (in place)
         new["lr"] = lr.detach().clone().fill_(new["lr"])

@@ -34,11 +34,16 @@ def sgd_update_(
     first_step: bool,
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
+    rounding_seed: Optional[Tensor] = None,
 ) -> None:
-    """torch.optim.SGD's update of every param in place (momentum_buffers empty when momentum == 0)."""
+    """torch.optim.SGD's update of every param in place (momentum_buffers empty when momentum == 0).
+
+    grad_scale / found_inf: GradScaler's protocol (grads are divided by grad_scale; nothing changes when
+    found_inf is nonzero). rounding_seed: int64 0-dim tensor; bf16 params are then rounded stochastically.
+    """
     torch.ops.torchsgd8.sgd_update_.default(
         params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize,
-        first_step, grad_scale, found_inf,
+        first_step, grad_scale, found_inf, rounding_seed,
     )
 
 
@@ -56,11 +61,12 @@ def sgd8bit_update_(
     first_step: bool,
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
+    rounding_seed: Optional[Tensor] = None,
 ) -> None:
     """The same update with the momentum buffer stored as 8-bit blockwise codes + absmax, in place."""
     torch.ops.torchsgd8.sgd8bit_update_.default(
         params, grads, codes, absmax, lr, momentum, dampening, weight_decay, nesterov, maximize,
-        first_step, grad_scale, found_inf,
+        first_step, grad_scale, found_inf, rounding_seed,
     )
 
 
@@ -76,14 +82,14 @@ def dequantize_blockwise(codes: Tensor, absmax: Tensor, dtype: torch.dtype = tor
 
 @torch.library.register_fake("torchsgd8::sgd_update_")
 def _(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize,
-      first_step, grad_scale=None, found_inf=None):
+      first_step, grad_scale=None, found_inf=None, rounding_seed=None):
     torch._check(len(params) == len(grads), lambda: "sgd_update_: params and grads differ in length")
     return None
 
 
 @torch.library.register_fake("torchsgd8::sgd8bit_update_")
 def _(params, grads, codes, absmax, lr, momentum, dampening, weight_decay, nesterov, maximize,
-      first_step, grad_scale=None, found_inf=None):
+      first_step, grad_scale=None, found_inf=None, rounding_seed=None):
     torch._check(len(params) == len(grads) == len(codes) == len(absmax),
                  lambda: "sgd8bit_update_: params, grads, codes and absmax differ in length")
     return None

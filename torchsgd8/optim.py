@@ -65,6 +65,8 @@ def _validate_group(group: dict) -> None:
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
     if group["optim_bits"] not in (8, 32):
         raise ValueError(f"torchsgd8: optim_bits must be 8 or 32, got {group['optim_bits']!r}")
+    if not isinstance(group.get("stochastic_rounding", False), bool):
+        raise TypeError("torchsgd8: stochastic_rounding must be a bool")
     if not isinstance(group["min_8bit_size"], int) or group["min_8bit_size"] < 0:
         raise ValueError(f"torchsgd8: min_8bit_size must be an int >= 0, got {group['min_8bit_size']!r}")
     for p in group["params"]:
@@ -107,6 +109,11 @@ class _ParamGroup(dict):
             super().__setitem__(key, value)
 
 
+def _ensure_rounding_seed(group: dict) -> None:
+    if group.get("stochastic_rounding") and "rounding_seed" not in group:
+        group["rounding_seed"] = torch.randint(0, 2**62, (), dtype=torch.int64)
+
+
 def _as_tensor(value: float | Tensor) -> Tensor:
     """Hyperparameters go to the ops as 0-dim tensors, so schedules don't recompile compiled steps."""
     return value if isinstance(value, Tensor) else torch.tensor(float(value), dtype=torch.float64)
@@ -126,6 +133,9 @@ class SGD(Optimizer):
         args: a bitsandbytes-style argument object; its ``optim_bits`` and ``min_8bit_size`` override
             the keyword arguments.
         min_8bit_size: params with fewer elements keep a full-precision buffer even when optim_bits=8.
+        stochastic_rounding: round bf16 params stochastically after each update (unbiased, so updates
+            below half a bf16 ulp are not lost). Reproducible: the group's ``rounding_seed`` (an int64
+            tensor drawn from torch's default generator, saved in the state dict) advances every step.
     """
 
     def __init__(
@@ -141,6 +151,7 @@ class SGD(Optimizer):
         min_8bit_size: int = 4096,
         *,
         maximize: bool = False,
+        stochastic_rounding: bool = False,
     ) -> None:
         optim_bits, min_8bit_size = _read_bnb_args(args, optim_bits, min_8bit_size)
         defaults = dict(
@@ -152,6 +163,7 @@ class SGD(Optimizer):
             maximize=maximize,
             optim_bits=optim_bits,
             min_8bit_size=min_8bit_size,
+            stochastic_rounding=stochastic_rounding,
         )
         _validate_group({**defaults, "params": []})
         self._qmaps: dict[torch.device, Tensor] = {}
@@ -172,8 +184,9 @@ class SGD(Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        self.param_groups[-1] = _ParamGroup(self.param_groups[-1])
-        _validate_group(self.param_groups[-1])
+        group = self.param_groups[-1] = _ParamGroup(self.param_groups[-1])
+        _validate_group(group)
+        _ensure_rounding_seed(group)
 
     # ---- state -------------------------------------------------------------------------------------
 
@@ -225,11 +238,13 @@ class SGD(Optimizer):
                 continue
             if grad.is_sparse:
                 raise RuntimeError("torchsgd8: sparse gradients are not supported; use torch.optim.SGD")
-            state = self.state[p]
-            first_step = uses_momentum and not state
-            if first_step:
-                self._init_state(p, group, state)
-            kind = "none" if not uses_momentum else ("8bit" if "state1" in state else "fp32")
+            kind, first_step, state = "none", False, None
+            if uses_momentum:  # without momentum there is no state at all, as in torch
+                state = self.state[p]
+                first_step = not state
+                if first_step:
+                    self._init_state(p, group, state)
+                kind = "8bit" if "state1" in state else "fp32"
             work = p
             if p.is_complex():  # like torch: complex params are updated as (real, imag) pairs
                 work, grad = torch.view_as_real(p), torch.view_as_real(grad)
@@ -249,9 +264,11 @@ class SGD(Optimizer):
 
         lr = _as_tensor(group["lr"])
         momentum = _as_tensor(group["momentum"])
-        for (_, _, kind, first_step), b in buckets.items():
+        rounding_seed = group.get("rounding_seed") if group.get("stochastic_rounding") else None
+        for (_, dtype, kind, first_step), b in buckets.items():
+            seed = rounding_seed if dtype == torch.bfloat16 else None
             common = (lr, momentum, float(group["dampening"]), float(group["weight_decay"]),
-                      bool(group["nesterov"]), bool(group["maximize"]), first_step, grad_scale, found_inf)
+                      bool(group["nesterov"]), bool(group["maximize"]), first_step, grad_scale, found_inf, seed)
             if kind == "8bit":
                 ops.sgd8bit_update_(b["params"], b["grads"], b["codes"], b["absmax"], *common)
                 torch._foreach_add_(b["steps"], 1)
@@ -261,6 +278,8 @@ class SGD(Optimizer):
                 ops.sgd_update_(b["params"], b["grads"], b["buffers"], *common)
         for p, work in staged:
             p.copy_(work.view_as(p) if not p.is_complex() else torch.view_as_complex(work))
+        if rounding_seed is not None and buckets:
+            rounding_seed.add_(1)  # fresh noise next step
 
     # ---- state dict ----------------------------------------------------------------------------------
 
@@ -292,6 +311,7 @@ class SGD(Optimizer):
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+            _ensure_rounding_seed(group)
 
 
 def _new_bucket() -> dict[str, list]:

@@ -37,7 +37,7 @@ const KernelTable& select_kernels() {
 void sgd_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                     const at::Tensor& lr, const at::Tensor& momentum, double dampening, double weight_decay,
                     bool nesterov, bool maximize, bool first_step, const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf) {
+                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& rounding_seed) {
   check_params_and_grads(params, grads);
   const bool use_momentum = !momentum_buffers.empty();
   if (use_momentum) {
@@ -45,7 +45,7 @@ void sgd_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   }
   SgdHyper<double> hyper;
   if (read_hyper(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, use_momentum,
-                 grad_scale, found_inf, hyper)) {
+                 grad_scale, found_inf, rounding_seed, params, hyper)) {
     kernels().sgd_update(params, grads, momentum_buffers, hyper);
   }
 }
@@ -53,12 +53,13 @@ void sgd_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
 void sgd8bit_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList codes,
                         at::TensorList absmax, const at::Tensor& lr, const at::Tensor& momentum, double dampening,
                         double weight_decay, bool nesterov, bool maximize, bool first_step,
-                        const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                        const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                        const std::optional<at::Tensor>& rounding_seed) {
   check_params_and_grads(params, grads);
   check_codes_and_absmax(params, codes, absmax);
   SgdHyper<double> hyper;
   if (read_hyper(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, /*use_momentum=*/true,
-                 grad_scale, found_inf, hyper)) {
+                 grad_scale, found_inf, rounding_seed, params, hyper)) {
     kernels().sgd8bit_update(params, grads, codes, absmax, hyper);
   }
 }

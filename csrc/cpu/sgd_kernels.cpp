@@ -82,13 +82,37 @@ inline void store_parts(T* ptr, const Vectorized<acc_t> (&v)[kParts]) {
   }
 }
 
+// update_range (below) for bf16 params with stochastic rounding: scalar, as it is an opt-in mode.
+// `tensor` and `first_index` locate the elements for the counter-based noise.
+template <typename B>
+void update_range_stochastic(c10::BFloat16* param, const c10::BFloat16* grad, B* buf, int64_t n,
+                             const SgdHyper<float>& h, uint32_t tensor, int64_t first_index) {
+  const bool read_buf = h.use_momentum && !h.first_step;
+  for (int64_t i = 0; i < n; ++i) {
+    float b = read_buf ? static_cast<float>(buf[i]) : 0.0f;
+    const float p = sgd_rule(static_cast<float>(param[i]), static_cast<float>(grad[i]), b, h);
+    const uint32_t noise = rounding_noise(h.rounding_seed, tensor, static_cast<uint64_t>(first_index + i));
+    param[i] = c10::BFloat16(stochastic_round_bf16_bits(p, noise), c10::BFloat16::from_bits());
+    if (h.use_momentum) {
+      buf[i] = static_cast<B>(b);
+    }
+  }
+}
+
 // param[i], buf[i] <- sgd_rule(param[i], grad[i], buf[i]) for i < n. B is the buffer's storage type: the
 // param's dtype for the fp32-precision op, float for the 8-bit op's dequantized block.
 template <typename T, typename B, typename acc_t>
-void update_range(T* param, const T* grad, B* buf, int64_t n, const SgdHyper<acc_t>& hyper) {
+void update_range(T* param, const T* grad, B* buf, int64_t n, const SgdHyper<acc_t>& hyper, uint32_t tensor,
+                  int64_t first_index) {
   // A local copy: stores through param/buf could alias a referenced struct's fields, which would force
   // the compiler to reload every hyperparameter and re-test every flag per element.
   const SgdHyper<acc_t> h = hyper;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (h.stochastic_rounding) {
+      update_range_stochastic(param, grad, buf, n, h, tensor, first_index);
+      return;
+    }
+  }
   const bool read_buf = h.use_momentum && !h.first_step;
   int64_t i = 0;
   for (; i + kStep<acc_t> <= n; i += kStep<acc_t>) {
@@ -208,7 +232,7 @@ void sgd_update(at::TensorList params, at::TensorList grads, at::TensorList mome
     parallel_over_blocks(params, [&](size_t t, int64_t begin, int64_t end) {
       scalar_t* buf = h.use_momentum ? momentum_buffers[t].data_ptr<scalar_t>() + begin : nullptr;
       update_range(params[t].data_ptr<scalar_t>() + begin, grads[t].const_data_ptr<scalar_t>() + begin, buf,
-                   end - begin, h);
+                   end - begin, h, static_cast<uint32_t>(t), begin);
     });
   });
 }
@@ -228,7 +252,7 @@ void sgd8bit_update_typed(at::TensorList params, at::TensorList grads, at::Tenso
       if (!h.first_step) {
         dequantize_block(code + start, scale[block], n, buf);
       }
-      update_range(param + start, grad + start, buf, n, h);
+      update_range(param + start, grad + start, buf, n, h, static_cast<uint32_t>(t), start);
       quantize_block(buf, n, code + start, scale + block);
     }
   });
