@@ -12,6 +12,7 @@ before the optimizer is touched.
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from itertools import chain
 from typing import Any
 
@@ -71,7 +72,7 @@ def convert_state_dict(optimizer, state_dict: dict[str, Any]) -> tuple[list[dict
     if unknown:
         raise StateDictError(f"state dict has state for unknown param ids {unknown[:5]}")
 
-    state: dict[Tensor, dict] = {}
+    state: defaultdict[Tensor, dict] = defaultdict(dict)  # as torch's: params without state get one lazily
     for pid, saved_state in state_dict["state"].items():
         param = id_to_param[pid]
         where = f"param {id_to_index[pid]} (shape {tuple(param.shape)}, {param.dtype})"
@@ -179,7 +180,8 @@ def _read_momentum(flat: dict, param: Tensor, where: str) -> tuple[str, Any]:
 
 
 def _convert_param_state(optimizer, saved_state: Any, param: Tensor, group: dict, where: str) -> dict:
-    kind, value = _read_momentum(_unwrap(saved_state, where), param, where)
+    flat = _unwrap(saved_state, where)
+    kind, value = _read_momentum(flat, param, where)
     if kind == "none" or not optimizer._uses_momentum(group["momentum"]):
         return {}
     want_8bit = optimizer._wants_8bit(param, group)
@@ -188,7 +190,8 @@ def _convert_param_state(optimizer, saved_state: Any, param: Tensor, group: dict
         if not want_8bit:
             return {"momentum_buffer": buf.to(param.dtype).contiguous().clone()}
         codes, absmax = ops.quantize_blockwise(buf.to(torch.float32).contiguous())
-        return _8bit_state(optimizer, param, codes, absmax, torch.tensor(1.0))
+        # torch.optim.SGD keeps no step count; bitsandbytes' 32-bit state does: keep it where present
+        return _8bit_state(optimizer, param, codes, absmax, _read_step(flat.get("step", 1), where))
     codes, absmax, qmap, step = value
     codes, absmax = codes.to(param.device).contiguous(), absmax.to(param.device).contiguous()
     ours = optimizer._qmap(param.device)
