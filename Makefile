@@ -14,6 +14,8 @@ $(PY):
 $(DEPS_STAMP): requirements-dev.txt | $(PY)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -r requirements-dev.txt
+	# bitsandbytes only for interop tests and benchmarks; --no-deps keeps pip from resolving another torch
+	$(PY) -m pip install --no-deps bitsandbytes==0.50.2
 	touch $@
 
 # Built against the venv's torch (no build isolation: an isolated build would fetch another torch).
@@ -34,7 +36,6 @@ test-slow: build
 	TORCHSGD8_SLOW_TESTS=1 $(PY) -m pytest -q tests -m slow
 
 bench: build
-	$(PY) -m pip install --no-deps bitsandbytes==0.50.2
 	$(PY) benchmarks/bench_step.py
 
 clean:
