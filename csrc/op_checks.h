@@ -88,9 +88,6 @@ inline bool read_hyper(const at::Tensor& lr, const at::Tensor& momentum, double 
                        bool use_momentum, const std::optional<at::Tensor>& grad_scale,
                        const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& rounding_seed,
                        at::TensorList params, SgdHyper<double>& h) {
-  if (found_inf.has_value() && read_hyperparameter(*found_inf, "found_inf") != 0.0) {
-    return false;
-  }
   h.lr = read_hyperparameter(lr, "lr");
   h.momentum = read_hyperparameter(momentum, "momentum");
   h.dampening_complement = 1.0 - dampening;
@@ -112,7 +109,8 @@ inline bool read_hyper(const at::Tensor& lr, const at::Tensor& momentum, double 
                 params[0].scalar_type());
     h.rounding_seed = static_cast<uint64_t>(rounding_seed->item<int64_t>());
   }
-  return true;
+  // Checked last, so a skipped step still validates every argument.
+  return !(found_inf.has_value() && read_hyperparameter(*found_inf, "found_inf") != 0.0);
 }
 
 }  // namespace torchsgd8

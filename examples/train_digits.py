@@ -1,7 +1,9 @@
 """Train a small MLP on scikit-learn's digits with torch.optim.SGD, torchsgd8.SGD32bit and torchsgd8.SGD8bit.
 
-    python examples/train_digits.py            # 3 seeds, full run (what `make demo` runs)
-    python examples/train_digits.py --quick    # 1 seed, 3 epochs: a smoke test of a few seconds
+    python examples/train_digits.py                        # 3 seeds x 30 epochs (`make demo`), ~45 s
+    python examples/train_digits.py --quick                # 1 seed x 3 epochs, compiled: smoke test, ~20 s
+    python examples/train_digits.py --quick --no-compile   # the same, eager: < 10 s
+(times on 2 busy CPU cores, most of them compilation and imports.)
 
 Setup. The 1797 8x8 digit images (bundled with scikit-learn, no download) are split once into a fixed,
 stratified 75/25 train/test split and standardized with the training set's statistics. The model is an
@@ -21,7 +23,14 @@ Compilation, the same for every optimizer:
 Each (optimizer, nesterov) configuration builds one optimizer and compiles its step once; the seeds
 re-initialise the model's parameters in place and clear the optimizer's state (which, for SGD, is all
 that distinguishes a used optimizer from a fresh one), so the seeds reuse the compiled graphs instead of
-recompiling for every new object.
+recompiling for every new object (torch.optim.SGD's compiled step still recompiles once per seed: it
+guards on the identity of its momentum buffers). Gradients are reset with optimizer.zero_grad(), i.e.
+set to None, so every step sees new gradient tensors, as in ordinary training. The progress lines say
+how many graphs each configuration compiled. Compilation takes most of the run time; --no-compile runs
+the same experiment eagerly.
+
+Runs use 1 intra-op thread by default (--threads): the matmuls are far too small to gain from more, and
+with other jobs on the machine extra threads make step times erratic (spinning OpenMP barriers).
 
 Reported per configuration: mean +- std test accuracy over seeds, optimizer state bytes per trainable
 parameter (every tensor in optimizer.state, each storage counted once, so SGD8bit's shared qmap1 counts
@@ -64,6 +73,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=256, help="width of the two hidden layers (default 256)")
     p.add_argument("--tolerance", type=float, default=0.5,
                    help="max |mean acc(SGD8bit) - mean acc(torch.optim.SGD)| in points (default 0.5)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: these matmuls are too small to gain from more, "
+                        "and with other jobs on the cores extra threads make step times erratic)")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="run everything eagerly (skips the ~10-20 s of compilation)")
     p.add_argument("--quick", action="store_true",
                    help="smoke mode: 1 seed, 3 epochs, accuracy check reported but not enforced")
     p.add_argument("--out", type=Path, default=OUT_DIR / "digits_loss.png", help="where to write the PNG")
@@ -138,7 +152,7 @@ def run_config(name: str, nesterov: bool, model: nn.Module, compiled_loss, data,
     x_train, y_train, x_test, y_test = data
     optimizer = OPTIMIZERS[name](model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=nesterov)
     fullgraph = name != REFERENCE  # torch.optim.SGD.step graph-breaks by design (see the module docstring)
-    compiled_step = torch.compile(optimizer.step, fullgraph=fullgraph)
+    compiled_step = torch.compile(optimizer.step, fullgraph=fullgraph) if args.compile else optimizer.step
     n_batches = len(x_train) // args.batch_size  # drop the last partial batch: one static shape, no recompiles
 
     accs, curves, opt_ms, train_ms, state_bpp = [], [], [], [], None
@@ -157,10 +171,10 @@ def run_config(name: str, nesterov: bool, model: nn.Module, compiled_loss, data,
                 loss.backward()
                 t1 = time.perf_counter()
                 compiled_step()
-                optimizer.zero_grad(set_to_none=True)
                 t2 = time.perf_counter()
+                optimizer.zero_grad()  # torch's default, set_to_none=True: fresh grad tensors every step
                 opt_ms.append(1e3 * (t2 - t1))
-                train_ms.append(1e3 * (t2 - t0))
+                train_ms.append(1e3 * (time.perf_counter() - t0))
                 epoch_loss += loss.detach()
             curve.append(epoch_loss.item() / n_batches)
         accs.append(accuracy(model, x_test, y_test))
@@ -210,27 +224,42 @@ def check_accuracy(results: list[dict], args) -> bool:
 
 
 def plot_curves(results: list[dict], args) -> Path:
+    """Top row: training loss per epoch (mean over seeds). Bottom row: each optimizer's loss relative to
+    torch.optim.SGD's on the same seeds, in percent (SGD32bit should sit on 0, SGD8bit close to it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    styles = {REFERENCE: ("black", "-", 2.5), "torchsgd8.SGD32bit": ("tab:blue", "--", 1.5),
-              EIGHT_BIT: ("tab:red", ":", 2.0)}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, nesterov in zip(axes, (False, True)):
-        for r in (r for r in results if r["nesterov"] == nesterov):
+    styles = {REFERENCE: ("black", "-", 2.5), "torchsgd8.SGD32bit": ("tab:blue", "--", 1.8),
+              EIGHT_BIT: ("tab:red", ":", 2.2)}
+    epochs = list(range(1, args.epochs + 1))
+    mean_curve = lambda r: [statistics.fmean(c[e] for c in r["curves"]) for e in range(args.epochs)]  # noqa: E731
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True, sharey="row",
+                             gridspec_kw={"height_ratios": [2, 1]})
+    for col, nesterov in enumerate((False, True)):
+        group = [r for r in results if r["nesterov"] == nesterov]
+        ref = mean_curve(next(r for r in group if r["name"] == REFERENCE))
+        top, bottom = axes[0, col], axes[1, col]
+        for r in group:
             color, ls, lw = styles[r["name"]]
-            epochs = range(1, args.epochs + 1)
-            mean = [statistics.fmean(c[e] for c in r["curves"]) for e in range(args.epochs)]
-            ax.plot(epochs, mean, color=color, linestyle=ls, linewidth=lw,
-                    label=f"{r['name']} (test {statistics.fmean(r['accs']):.2f}%)")
-        ax.set_yscale("log")
-        ax.set_title(f"momentum {args.momentum}, nesterov {'on' if nesterov else 'off'}")
-        ax.set_xlabel("epoch")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    axes[0].set_ylabel(f"training loss (epoch mean, mean of {args.seeds} seed{'s' * (args.seeds > 1)})")
+            curve = mean_curve(r)
+            top.plot(epochs, curve, color=color, linestyle=ls, linewidth=lw, marker="o", markersize=2.5,
+                     label=f"{r['name']} (test {statistics.fmean(r['accs']):.2f}%)")
+            bottom.plot(epochs, [100.0 * (c / c0 - 1.0) for c, c0 in zip(curve, ref)], color=color,
+                        linestyle=ls, linewidth=lw, marker="o", markersize=2.5)
+        top.set_yscale("log")
+        top.set_title(f"momentum {args.momentum}, nesterov {'on' if nesterov else 'off'}")
+        top.grid(True, which="both", alpha=0.3)
+        top.legend()
+        bottom.axhline(0.0, color="gray", linewidth=0.8)
+        bottom.grid(True, alpha=0.3)
+        bottom.set_xlabel("epoch")
+        bottom.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    seeds = f"mean of {args.seeds} seed{'s' * (args.seeds > 1)}"
+    axes[0, 0].set_ylabel(f"training loss (epoch mean, {seeds})")
+    axes[1, 0].set_ylabel("loss vs torch.optim.SGD (%)")
     fig.suptitle(f"MLP 64-{args.hidden}-{args.hidden}-10 on sklearn digits, lr {args.lr}, "
                  f"batch {args.batch_size}")
     fig.tight_layout()
@@ -243,26 +272,38 @@ def plot_curves(results: list[dict], args) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    # Six optimizers share one compiled optimizer.step code object (two graphs each: first step and later
-    # steps); give dynamo room for all of them rather than letting it fall back to eager.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 256)
+    torch.set_num_threads(args.threads)
+    # Dynamo caches graphs per code object, and all six optimizers' steps enter through one (Optimizer's
+    # step wrapper): torch.optim.SGD adds 1 graph there, torchsgd8 2 or 3 (first step, later steps, and a
+    # first step that finds the shared qmap already made), 14 in all. torch.optim.SGD's inner step also
+    # recompiles for every seed (it guards on its state tensors' identity): 2 graphs per seed per config.
+    # Dynamo's default limit of 8 is too small for either; this one fits them, and a step that recompiled
+    # every iteration would still hit it quickly (a fullgraph=True step then raises rather than going eager).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16, 4 * args.seeds + 4)
 
     data = load_data()
     model = make_model(args.hidden)
-    compiled_loss = torch.compile(forward_loss, fullgraph=True)
+    compiled_loss = torch.compile(forward_loss, fullgraph=True) if args.compile else forward_loss
     print(f"digits: {len(data[0])} train / {len(data[2])} test; MLP 64-{args.hidden}-{args.hidden}-10 "
           f"({sum(p.numel() for p in model.parameters())} params); {args.seeds} seed(s) x {args.epochs} epochs, "
           f"batch {args.batch_size}, lr {args.lr}, momentum {args.momentum}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} thread(s), {'compiled' if args.compile else 'eager'}")
 
     results = []
     for name in OPTIMIZERS:
         for nesterov in (False, True):
-            t = time.perf_counter()
-            results.append(run_config(name, nesterov, model, compiled_loss, data, args))
-            print(f"  {name:<20} nesterov {'on ' if nesterov else 'off'}  {time.perf_counter() - t:5.1f} s",
-                  flush=True)
+            t, graphs = time.perf_counter(), torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            try:
+                results.append(run_config(name, nesterov, model, compiled_loss, data, args))
+            except torch._dynamo.exc.FailOnRecompileLimitHit:
+                print(f"FAILED: {name} (nesterov {'on' if nesterov else 'off'}): its compiled step kept "
+                      f"recompiling past dynamo's recompile_limit ({torch._dynamo.config.recompile_limit}); "
+                      "rerun with TORCH_LOGS=recompiles to see which guards failed",
+                      file=sys.stderr)
+                return 1
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+            print(f"  {name:<20} nesterov {'on ' if nesterov else 'off'}  {time.perf_counter() - t:5.1f} s, "
+                  f"{graphs} graph(s) compiled", flush=True)
     print()
     print_table(results, args)
     print()

@@ -12,6 +12,7 @@ before the optimizer is touched.
 """
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from itertools import chain
 from typing import Any
@@ -85,7 +86,8 @@ def convert_state_dict(optimizer, state_dict: dict[str, Any]) -> tuple[list[dict
 def _convert_group(group: dict, saved: dict, index: int) -> dict:
     """Saved hyperparameters win (that is what loading means); precision (optim_bits, min_8bit_size)
     stays this optimizer's, so e.g. a torch.optim.SGD checkpoint loads into SGD8bit as 8-bit state."""
-    new = {k: v for k, v in saved.items() if k not in _FOREIGN_GROUP_KEYS}
+    # deep-copied as torch does, so two optimizers never share a tensor hyperparameter or rounding seed
+    new = copy.deepcopy({k: v for k, v in saved.items() if k not in _FOREIGN_GROUP_KEYS and k != "params"})
     if "betas" in saved and "momentum" not in saved:  # bitsandbytes stores (momentum, dampening) as betas
         betas = saved["betas"]
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):

@@ -28,6 +28,8 @@ _BNB_ARGS_UNSUPPORTED_DEFAULTS = {
     "is_paged": False,
 }
 
+_CODEBOOK = signed_dynamic_map()
+
 # dtypes whose momentum can be kept in 8 bits; others (float64, complex) keep a full-precision buffer.
 _8BIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -89,24 +91,6 @@ def _read_bnb_args(args: Any, optim_bits: int, min_8bit_size: int) -> tuple[int,
                 f"(only {off!r}); torchsgd8 implements optim_bits and min_8bit_size from `args`"
             )
     return getattr(args, "optim_bits", optim_bits), getattr(args, "min_8bit_size", min_8bit_size)
-
-
-class _ParamGroup(dict):
-    """A param group in which assigning a number to a tensor-valued hyperparameter updates the tensor
-    in place.
-
-    torch's schedulers assign Python floats to ``group["momentum"]`` (OneCycleLR, CyclicLR) and, for a
-    float lr, to ``group["lr"]``. A compiled step specialises on such floats and recompiles every step.
-    When the user passes a tensor (``momentum=torch.tensor(0.9)``) the group keeps that tensor, and every
-    later numeric write becomes ``tensor.fill_(value)``: the compiled step reads the same tensor forever.
-    """
-
-    def __setitem__(self, key, value):
-        current = self.get(key)
-        if isinstance(current, Tensor) and _is_number(value) and current.numel() == 1:
-            current.fill_(value)
-        else:
-            super().__setitem__(key, value)
 
 
 def _ensure_rounding_seed(group: dict) -> None:
@@ -171,20 +155,9 @@ class SGD(Optimizer):
         # GradScaler: lets scaler.step() hand us grad_scale / found_inf instead of unscaling first.
         self._step_supports_amp_scaling = True
 
-    # param_groups is stored as a list of _ParamGroup. step() reads it as `_group_list`: dynamo treats the
-    # attribute named `param_groups` of any torch Optimizer specially (to set CUDA-graph `capturable`
-    # flags) and cannot do that for a dict subclass, while the same list under another name traces.
-    @property
-    def param_groups(self) -> list[dict]:
-        return self._group_list
-
-    @param_groups.setter
-    def param_groups(self, groups: list[dict]) -> None:
-        self._group_list = [g if isinstance(g, _ParamGroup) else _ParamGroup(g) for g in groups]
-
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1] = _ParamGroup(self.param_groups[-1])
+        group = self.param_groups[-1]
         _validate_group(group)
         _ensure_rounding_seed(group)
 
@@ -193,7 +166,9 @@ class SGD(Optimizer):
     def _qmap(self, device: torch.device) -> Tensor:
         """One shared copy of the 256-entry codebook per device (bitsandbytes' `qmap1`)."""
         if device not in self._qmaps:
-            self._qmaps[device] = signed_dynamic_map().to(device)
+            # copied from a table built eagerly at import: built inside a compiled step, inductor's
+            # linspace would round some entries differently from bitsandbytes'
+            self._qmaps[device] = _CODEBOOK.to(device, copy=True)
         return self._qmaps[device]
 
     _validate_group = staticmethod(_validate_group)
@@ -223,7 +198,7 @@ class SGD(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for group in self._group_list:
+        for group in self.param_groups:
             self._update_group(group, grad_scale, found_inf)
         return loss
 
@@ -232,6 +207,7 @@ class SGD(Optimizer):
         # key: (device, dtype, "fp32" | "8bit" | "none", first_step) -> per-bucket lists
         buckets: dict[tuple, dict[str, list]] = {}
         staged: list[tuple[Tensor, Tensor]] = []  # (param, contiguous copy) for non-contiguous params
+        created: list[Tensor] = []  # params whose state this step creates
         for p in group["params"]:
             grad = p.grad
             if grad is None:
@@ -244,6 +220,7 @@ class SGD(Optimizer):
                 first_step = not state
                 if first_step:
                     self._init_state(p, group, state)
+                    created.append(p)
                 kind = "8bit" if "state1" in state else "fp32"
             work = p
             if p.is_complex():  # like torch: complex params are updated as (real, imag) pairs
@@ -265,8 +242,9 @@ class SGD(Optimizer):
         lr = _as_tensor(group["lr"])
         momentum = _as_tensor(group["momentum"])
         rounding_seed = group.get("rounding_seed") if group.get("stochastic_rounding") else None
-        for (_, dtype, kind, first_step), b in buckets.items():
-            seed = rounding_seed if dtype == torch.bfloat16 else None
+        for bucket_index, ((_, dtype, kind, first_step), b) in enumerate(buckets.items()):
+            # a distinct noise stream per bucket (the kernel's noise is keyed by position in the bucket)
+            seed = rounding_seed + (bucket_index << 32) if rounding_seed is not None and dtype == torch.bfloat16 else None
             common = (lr, momentum, float(group["dampening"]), float(group["weight_decay"]),
                       bool(group["nesterov"]), bool(group["maximize"]), first_step, grad_scale, found_inf, seed)
             if kind == "8bit":
@@ -280,6 +258,14 @@ class SGD(Optimizer):
             p.copy_(work.view_as(p) if not p.is_complex() else torch.view_as_complex(work))
         if rounding_seed is not None and buckets:
             rounding_seed.add_(1)  # fresh noise next step
+        if created and found_inf is not None and not torch.compiler.is_compiling() and bool(found_inf):
+            # GradScaler skipped a step that would have been these params' first: forget their new state,
+            # so the next step is their first (buffer = gradient, no dampening), as with torch.optim.SGD.
+            # Only on a param's first step does this read found_inf (a sync on accelerators). A compiled step
+            # cannot branch on it without a graph break, so there the zero state stays: the next step then
+            # treats it as a later step, which differs from torch only when dampening != 0.
+            for p in created:
+                del self.state[p]
 
     # ---- state dict ----------------------------------------------------------------------------------
 
@@ -304,8 +290,7 @@ class SGD(Optimizer):
         self.__setstate__({"state": state, "param_groups": groups})
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)  # puts a plain "param_groups" list into __dict__; the property wins
-        self.param_groups = self.__dict__.pop("param_groups")
+        super().__setstate__(state)
         self.__dict__.setdefault("_qmaps", {})
         self._step_supports_amp_scaling = True
         for group in self.param_groups:
@@ -329,15 +314,15 @@ class SGD8bit(SGD):
     """SGD with 8-bit blockwise-quantized momentum (``SGD(..., optim_bits=8)``)."""
 
     def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, args=None,
-                 min_8bit_size=4096, *, maximize=False):
+                 min_8bit_size=4096, *, maximize=False, stochastic_rounding=False):
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, 8, args, min_8bit_size,
-                         maximize=maximize)
+                         maximize=maximize, stochastic_rounding=stochastic_rounding)
 
 
 class SGD32bit(SGD):
     """SGD with a full-precision momentum buffer (``SGD(..., optim_bits=32)``)."""
 
     def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, args=None,
-                 min_8bit_size=4096, *, maximize=False):
+                 min_8bit_size=4096, *, maximize=False, stochastic_rounding=False):
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, 32, args, min_8bit_size,
-                         maximize=maximize)
+                         maximize=maximize, stochastic_rounding=stochastic_rounding)
