@@ -6,15 +6,15 @@ The map is bitsandbytes' create_dynamic_map(signed=True), rebuilt by torchsgd8.q
 it equals bitsandbytes' bit for bit). The map is symmetric except for +1.0, so codes are found from |x|:
 c(|x|) = number of positive thresholds below |x|, and code = 127 + c (x >= 0) or 127 - min(c, 127).
 c is found without a search: the top bits of |x| (exponent and 6 mantissa bits) index a bucket, every
-bucket holds at most one threshold (asserted here), and kBucketBase[bucket] counts the thresholds below
-the bucket, so c = base + (|x| > kPositiveThresholds[base]).
+bucket holds at most one threshold (asserted here), and kBucketTable[bucket] packs the count of
+thresholds below the bucket with the low bits of the one inside it: c = base + (low(|x|) > low).
 """
 import numpy as np
 
 from torchsgd8.quantization import (
     BUCKET_SHIFT,
-    bucket_base_table,
     bucket_offset,
+    bucket_table,
     positive_thresholds,
     signed_dynamic_map,
 )
@@ -31,12 +31,10 @@ def c_ints(values):
 
 
 qmap = signed_dynamic_map().numpy()
-thresholds = positive_thresholds(qmap)
-base = bucket_base_table(thresholds)
+table = bucket_table(positive_thresholds(qmap))
 print("inline constexpr float kSignedDynamicMap[256] = {\n" + c_floats(qmap) + "\n};")
-print(f"// thresholds between 0, P[0], ..., P[127] = 1.0 (P = the 128 positive codes), then +inf padding")
-print(f"inline constexpr float kPositiveThresholds[{len(thresholds)}] = {{\n" + c_floats(thresholds) + "\n};")
 print(f"constexpr int kBucketShift = {BUCKET_SHIFT};")
 print(f"constexpr int kBucketOffset = {bucket_offset()};")
-print(f"constexpr int kNumBuckets = {len(base)};")
-print(f"inline constexpr int32_t kBucketBase[{len(base)}] = {{\n" + c_ints(base) + "\n};")
+print(f"constexpr int kNumBuckets = {len(table)};")
+print("// base << kBucketShift | low bits of the bucket's threshold (all ones: none in the bucket)")
+print(f"inline constexpr int32_t kBucketTable[{len(table)}] = {{\n" + c_ints(table) + "\n};")

@@ -71,14 +71,33 @@ def bucket_base_table(thresholds: np.ndarray) -> np.ndarray:
     return np.asarray(base, dtype=np.int32)
 
 
+LOW_MASK = (1 << BUCKET_SHIFT) - 1
+
+
+def bucket_table(thresholds: np.ndarray) -> np.ndarray:
+    """One int32 per bucket: ``base << BUCKET_SHIFT | low``, where ``low`` is the low BUCKET_SHIFT bits of
+    the bucket's threshold (the bucket fixes the other bits), or LOW_MASK when the bucket holds none.
+
+    For |x| in the bucket, |x| > threshold exactly when low_bits(|x|) > low (non-negative floats order as
+    their bit patterns), so one table read (one gather for 8 lanes) gives the code.
+    """
+    base = bucket_base_table(thresholds)
+    first = bucket_offset()
+    entries = []
+    for i, b in enumerate(base):
+        t_bits = int(thresholds[b].view(np.uint32)) if b < len(thresholds) - 1 else None
+        inside = t_bits is not None and (t_bits >> BUCKET_SHIFT) == first + i and i > 0
+        low = t_bits & LOW_MASK if inside else LOW_MASK
+        entries.append((int(b) << BUCKET_SHIFT) | low)
+    return np.asarray(entries, dtype=np.int32)
+
+
 def nearest_code(x: torch.Tensor) -> torch.Tensor:
     """The kernels' lookup, in PyTorch (for tests): uint8 codes of float32 ``x`` (already divided by absmax)."""
-    thresholds = torch.from_numpy(positive_thresholds(signed_dynamic_map().numpy()))
-    base = torch.from_numpy(bucket_base_table(thresholds.numpy())).long()
-    a = x.to(torch.float32).abs()
-    bucket = ((a.view(torch.int32) >> BUCKET_SHIFT) - bucket_offset()).clamp(0, len(base) - 1)
-    c = base[bucket.long()]
-    c = c + (a > thresholds[c]).long()
+    table = torch.from_numpy(bucket_table(positive_thresholds(signed_dynamic_map().numpy()))).long()
+    bits = x.to(torch.float32).view(torch.int32).long() & 0x7FFFFFFF  # |x|, also for -0.0 and NaN
+    entry = table[((bits >> BUCKET_SHIFT) - bucket_offset()).clamp(0, len(table) - 1)]
+    c = (entry >> BUCKET_SHIFT) + ((bits & LOW_MASK) > (entry & LOW_MASK)).long()
     return torch.where(x < 0, ZERO_CODE - c.clamp(max=127), ZERO_CODE + c).to(torch.uint8)
 
 
