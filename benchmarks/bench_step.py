@@ -1,0 +1,550 @@
+#!/usr/bin/env python
+"""Performance suite for one optimizer step (SGD, lr=0.01, momentum=0.9) on CPU.
+
+An SGD step is memory-bound, so every method is scored against the bytes it must move at the very least
+("ideal bytes"), for fp32 parameters of n elements each:
+
+  * fp32 momentum (torch.optim.SGD, torchsgd8 fp32, bitsandbytes 32-bit, and any param an 8-bit
+    optimizer keeps in full precision):  20 * n bytes
+        read p, g, buf (3 * 4 B) + write p, buf (2 * 4 B)
+  * 8-bit momentum (param whose state holds uint8 ``state1`` codes):  14 * n + 8 * ceil(n / 256) bytes
+        read p, g (2 * 4 B) + read and write codes (2 * 1 B) + write p (4 B)
+        + read and write one float32 absmax per 256-element block (2 * 4 B per block)
+
+Which formula a param gets is read from the optimizer's state after warm-up, so params below
+``min_8bit_size`` (4096 for torchsgd8 and bitsandbytes) count as fp32 momentum.
+
+The roofline is measured in the same run: ``a.add_(b, alpha=s)`` on two fp32 tensors with as many
+elements as the model (12 B/element: read a, b; write a). Its bandwidth gives each method an ideal time
+``ideal_bytes / axpy_bandwidth``; ``x_roofline`` is measured time / ideal time (1.0 = as fast as the
+bytes allow).
+
+Methods are interleaved round-robin (the starting method rotates every repetition) so that machine noise
+is spread over all of them, and the median per-step time is reported. Compiled methods compile during
+warm-up; their compile time is the warm-up time beyond ``warmup`` steady-state steps.
+
+Usage (see benchmarks/README.md):
+  python benchmarks/bench_step.py                         # 1M, 16M, 64M params; mixed and single layouts
+  python benchmarks/bench_step.py --sizes 1M --reps 3     # quick check
+  python benchmarks/bench_step.py --isa-default           # torchsgd8's portable kernels instead of AVX2
+  python benchmarks/bench_step.py --check-threads         # 8-bit results identical for 1 and 2 threads
+  python benchmarks/bench_step.py --memory-check          # largest allocation during a step
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+import torchsgd8
+
+try:
+    import bitsandbytes as bnb
+except Exception:  # not installed, or fails to load: its methods are simply unavailable
+    bnb = None
+
+LR = 0.01
+MOMENTUM = 0.9
+ISA_ENV = "TORCHSGD8_CPU_ISA"
+DEFAULT_JSON = Path(__file__).resolve().parent / "out" / "bench.json"
+SUFFIXES = {"K": 2**10, "M": 2**20, "G": 2**30}
+AXPY_BYTES_PER_ELEMENT = 12
+
+Step = Callable[[], object]
+
+
+# ---- methods ---------------------------------------------------------------------------------------
+
+def _torch_sgd(**impl) -> Callable:
+    def build(params):
+        opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, **impl)
+        return opt, opt.step
+    return build
+
+
+def _torch_compiled(params):
+    # torch.optim.SGD's step graph-breaks, so fullgraph=True would fail: default mode.
+    opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, foreach=True)
+
+    def step():
+        opt.step()
+    return opt, torch.compile(step)
+
+
+def _torchsgd8(cls, compiled: bool) -> Callable:
+    def build(params):
+        opt = cls(params, lr=LR, momentum=MOMENTUM)
+        return opt, torch.compile(opt.step, fullgraph=True) if compiled else opt.step
+    return build
+
+
+def _bnb(name: str) -> Callable:
+    def build(params):
+        opt = getattr(bnb.optim, name)(params, lr=LR, momentum=MOMENTUM)
+        return opt, opt.step
+    return build
+
+
+# name -> builder(params) -> (optimizer, step callable). Order = column order of the tables.
+METHODS: dict[str, Callable] = {
+    "torch_forloop": _torch_sgd(foreach=False),
+    "torch_foreach": _torch_sgd(foreach=True),
+    "torch_fused": _torch_sgd(fused=True),
+    "torch_compiled": _torch_compiled,
+    "torchsgd8_fp32": _torchsgd8(torchsgd8.SGD32bit, compiled=False),
+    "torchsgd8_8bit": _torchsgd8(torchsgd8.SGD8bit, compiled=False),
+    "torchsgd8_fp32_compiled": _torchsgd8(torchsgd8.SGD32bit, compiled=True),
+    "torchsgd8_8bit_compiled": _torchsgd8(torchsgd8.SGD8bit, compiled=True),
+    "bnb_sgd32bit": _bnb("SGD32bit"),
+    "bnb_sgd8bit": _bnb("SGD8bit"),
+}
+COMPILED = {"torch_compiled", "torchsgd8_fp32_compiled", "torchsgd8_8bit_compiled"}
+# Every optimizer's step runs through the same torch.optim wrapper function, which dynamo recompiles for
+# each optimizer object and again once its state exists. Past the limit dynamo silently runs eager.
+RECOMPILE_LIMIT = 64
+
+
+def available_methods() -> list[str]:
+    return [m for m in METHODS if bnb is not None or not m.startswith("bnb_")]
+
+
+# ---- layouts ---------------------------------------------------------------------------------------
+
+def _block_shapes(d: int) -> list[tuple[int, ...]]:
+    """One GPT-style transformer block: layer norms, attention (qkv, out) and MLP (d -> 4d -> d)."""
+    return [
+        (d,), (d,),                 # ln1 weight, bias
+        (3 * d, d), (3 * d,),       # qkv projection
+        (d, d), (d,),               # attention output projection
+        (d,), (d,),                 # ln2 weight, bias
+        (4 * d, d), (4 * d,),       # MLP up
+        (d, 4 * d), (d,),           # MLP down
+    ]
+
+
+def transformer_shapes(total: int) -> list[tuple[int, ...]]:
+    """A transformer-like mix of tensors with exactly ``total`` elements.
+
+    d_model is the largest multiple of 64 that leaves at least 15% of the total to the token embedding,
+    with d_model / 64 layers (GPT-2's proportions). The embedding (rows x d) takes the remaining elements;
+    a final vector holds the few (< d) that do not fill a row. Totals too small for d = 64 get one tensor.
+    """
+    best = None
+    d = 64
+    while True:
+        body = [s for _ in range(max(1, d // 64)) for s in _block_shapes(d)] + [(d,), (d,)]  # + final LN
+        if total - sum(math.prod(s) for s in body) < 0.15 * total:
+            break
+        best = (d, body)
+        d += 64
+    if best is None:
+        return [(total,)]
+    d, body = best
+    rows, rest = divmod(total - sum(math.prod(s) for s in body), d)
+    return [(rows, d)] + body + ([(rest,)] if rest else [])
+
+
+def layout_shapes(layout: str, total: int) -> list[tuple[int, ...]]:
+    return transformer_shapes(total) if layout == "mixed" else [(total,)]
+
+
+# ---- per-method accounting ---------------------------------------------------------------------------
+
+def ideal_bytes(opt: torch.optim.Optimizer, params: list[Tensor]) -> int:
+    """Bytes a step must move, by the formulas in the module docstring (fp32 params)."""
+    total = 0
+    for p in params:
+        n = p.numel()
+        codes = opt.state.get(p, {}).get("state1")
+        if isinstance(codes, Tensor) and codes.dtype == torch.uint8:
+            total += 14 * n + 8 * math.ceil(n / 256)
+        else:
+            total += 20 * n
+    return total
+
+
+def state_nbytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of all tensors in the optimizer state; a tensor shared by several params counts once."""
+    seen = set()
+    total = 0
+    for param_state in opt.state.values():
+        for value in param_state.values():
+            if isinstance(value, Tensor) and (value.data_ptr(), value.nbytes) not in seen:
+                seen.add((value.data_ptr(), value.nbytes))
+                total += value.nbytes
+    return total
+
+
+# ---- the benchmark -----------------------------------------------------------------------------------
+
+@dataclass
+class Entry:
+    """One timed thing in a round-robin: a method's step, or the axpy roofline."""
+    name: str
+    step: Step
+    opt: Optional[torch.optim.Optimizer] = None
+    params: list[Tensor] = field(default_factory=list)
+    warmup_s: list[float] = field(default_factory=list)
+    times_s: list[float] = field(default_factory=list)
+    error: Optional[str] = None
+
+
+def _timed(step: Step) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def _error_text(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:200]
+
+
+def run_config(total: int, layout: str, methods: list[str], reps: int, warmup: int, seed: int) -> dict:
+    """Times every method on one (size, layout); everything it allocates is freed on return."""
+    torch._dynamo.reset()  # fresh compile caches per config: recompile limits, cached graphs
+    gen = torch.Generator().manual_seed(seed)
+    shapes = layout_shapes(layout, total)
+    grads = [torch.randn(s, generator=gen) for s in shapes]  # shared, read-only for every method
+    init = [torch.randn(s, generator=gen) for s in shapes]
+
+    entries = []
+    for name in methods:
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        for p, g in zip(params, grads):
+            p.grad = g
+        entry = Entry(name, step=lambda: None, params=params)
+        try:
+            entry.opt, entry.step = METHODS[name](params)
+        except Exception as e:
+            entry.error = _error_text(e)
+        entries.append(entry)
+    del init
+    a, b = torch.randn(total, generator=gen), torch.randn(total, generator=gen)
+    entries.append(Entry("axpy", step=lambda: a.add_(b, alpha=1e-3)))
+
+    for entry in entries:  # warm-up, including compilation
+        for _ in range(warmup):
+            if entry.error is None:
+                try:
+                    entry.warmup_s.append(_timed(entry.step))
+                except Exception as e:
+                    entry.error = _error_text(e)
+
+    live = [e for e in entries if e.error is None]
+    gc.collect()
+    gc.disable()
+    try:
+        for rep in range(reps):
+            start = rep % len(live)
+            for entry in live[start:] + live[:start]:
+                entry.times_s.append(_timed(entry.step))
+    finally:
+        gc.enable()
+
+    result = summarize(total, layout, shapes, entries)
+    del entries, live, grads, a, b
+    gc.collect()
+    torch._dynamo.reset()
+    return result
+
+
+def summarize(total: int, layout: str, shapes: list, entries: list[Entry]) -> dict:
+    axpy = next(e for e in entries if e.name == "axpy")
+    axpy_s = statistics.median(axpy.times_s)
+    axpy_bw = AXPY_BYTES_PER_ELEMENT * total / axpy_s  # bytes per second
+    medians = {e.name: statistics.median(e.times_s) for e in entries if e.times_s}
+    fused_s = medians.get("torch_fused")
+
+    rows = []
+    for e in entries:
+        if e.name == "axpy":
+            continue
+        row = {"method": e.name, "error": e.error}
+        if e.error is None:
+            median_s = medians[e.name]
+            nbytes = ideal_bytes(e.opt, e.params)
+            row.update(
+                median_ms=median_s * 1e3,
+                min_ms=min(e.times_s) * 1e3,
+                times_ms=[t * 1e3 for t in e.times_s],
+                warmup_ms=[t * 1e3 for t in e.warmup_s],
+                ideal_bytes=nbytes,
+                ideal_bytes_per_param=nbytes / total,
+                gbps=nbytes / median_s / 1e9,
+                x_roofline=median_s / (nbytes / axpy_bw),
+                x_fused=median_s / fused_s if fused_s else None,
+                state_bytes_per_param=state_nbytes(e.opt) / total,
+                compile_s=(max(0.0, sum(e.warmup_s) - len(e.warmup_s) * median_s)
+                           if e.name in COMPILED else None),
+            )
+        rows.append(row)
+    return {
+        "size": total,
+        "layout": layout,
+        "n_tensors": len(shapes),
+        "shapes": [list(s) for s in shapes],
+        "axpy": {"median_ms": axpy_s * 1e3, "gbps": axpy_bw / 1e9,
+                 "times_ms": [t * 1e3 for t in axpy.times_s]},
+        "methods": rows,
+    }
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(config: dict, threads: int) -> None:
+    axpy = config["axpy"]
+    print(f"\n== {format_size(config['size'])} params ({config['size']:,}), layout={config['layout']} "
+          f"({config['n_tensors']} tensors), {threads} threads; "
+          f"axpy roofline {axpy['median_ms']:.3f} ms = {axpy['gbps']:.1f} GB/s ==")
+    header = (f"{'method':<24} {'ms/step':>9} {'min ms':>9} {'GB/s':>7} {'x roofline':>10} "
+              f"{'x fused':>8} {'state B/param':>13} {'compile s':>9}")
+    print(header)
+    print("-" * len(header))
+    for row in config["methods"]:
+        if row["error"]:
+            print(f"{row['method']:<24} failed: {row['error']}")
+            continue
+        print(f"{row['method']:<24} {row['median_ms']:>9.3f} {row['min_ms']:>9.3f} {row['gbps']:>7.1f} "
+              f"{row['x_roofline']:>10.2f} {_fmt(row['x_fused'], '.2f'):>8} "
+              f"{row['state_bytes_per_param']:>13.3f} {_fmt(row['compile_s'], '.1f'):>9}")
+
+
+# ---- machine info ----------------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "torchsgd8_version": torchsgd8.__version__,
+        "torchsgd8_cpu_isa": torchsgd8._C.cpu_isa(),
+        "bitsandbytes_version": getattr(bnb, "__version__", None),
+        "python_version": platform.python_version(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+# ---- correctness and memory checks --------------------------------------------------------------------
+
+def _run_steps(cls, shapes, thread_count: int, steps: int = 4) -> list[Tensor]:
+    """Params and state tensors after ``steps`` steps with fresh (seeded) gradients each step."""
+    torch.set_num_threads(thread_count)
+    gen = torch.Generator().manual_seed(1234)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    opt = cls(params, lr=LR, momentum=MOMENTUM)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    state = [v for p in params for v in opt.state[p].values() if isinstance(v, Tensor)]
+    return [p.detach() for p in params] + state
+
+
+def check_threads() -> bool:
+    """torchsgd8's results must be bit-identical whatever the thread count (8-bit and fp32)."""
+    default_threads = torch.get_num_threads()
+    counts = sorted({1, 2, default_threads})
+    # odd sizes: partial last blocks; one tensor big enough to be split across threads; one kept fp32
+    shapes = [((1 << 20) + 100,), (1000, 257), (300,)]
+    ok = True
+    try:
+        for cls in (torchsgd8.SGD8bit, torchsgd8.SGD32bit):
+            reference = _run_steps(cls, shapes, counts[0])
+            for n in counts[1:]:
+                other = _run_steps(cls, shapes, n)
+                same = all(torch.equal(x, y) for x, y in zip(reference, other))
+                ok &= same
+                print(f"check-threads: {cls.__name__} with {counts[0]} vs {n} threads: "
+                      f"{'bit-identical' if same else 'DIFFERENT'}")
+    finally:
+        torch.set_num_threads(default_threads)
+    return ok
+
+
+def _largest_allocation(step: Step, steps: int) -> int:
+    """Largest single CPU allocation made while running ``steps`` steps, from torch.profiler."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.profiler.kineto_results.events()
+    return max((e.nbytes() for e in events if e.name() == "[memory]"), default=0)
+
+
+def _peak_rss_growth(step: Step, steps: int) -> Optional[int]:
+    """Growth of the resident set's high-water mark over ``steps`` steps (Linux; None elsewhere)."""
+    def status_kb(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        before = status_kb("VmRSS")
+        for _ in range(steps):
+            step()
+        return (status_kb("VmHWM") - before) * 1024
+    except (OSError, StopIteration):
+        return None
+
+
+def memory_check(total: int, layouts: list[str], steps: int = 3) -> None:
+    """Reports the largest allocation during steady-state steps (after the first step, which allocates
+    the state); it should be tiny next to the parameters."""
+    print(f"\nmemory-check: {format_size(total)} params, {steps} steps after the first")
+    header = (f"{'layout':<8} {'method':<16} {'param MB':>9} {'state MB':>9} {'1st step max alloc':>18} "
+              f"{'later steps max alloc':>21} {'peak RSS growth':>15}")
+    print(header)
+    print("-" * len(header))
+    for layout in layouts:
+        gen = torch.Generator().manual_seed(0)
+        for name, cls in (("torchsgd8_fp32", torchsgd8.SGD32bit), ("torchsgd8_8bit", torchsgd8.SGD8bit)):
+            params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in layout_shapes(layout, total)]
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt = cls(params, lr=LR, momentum=MOMENTUM)
+            first = _largest_allocation(opt.step, 1)
+            largest = _largest_allocation(opt.step, steps)
+            rss = _peak_rss_growth(opt.step, steps)
+            param_mb = sum(p.nbytes for p in params) / 2**20
+            print(f"{layout:<8} {name:<16} {param_mb:>9.1f} {state_nbytes(opt) / 2**20:>9.1f} "
+                  f"{format_bytes(first):>18} {format_bytes(largest):>21} "
+                  f"{format_bytes(rss) if rss is not None else 'n/a':>15}")
+            del params, opt
+            gc.collect()
+
+
+# ---- command line ----------------------------------------------------------------------------------
+
+def parse_size(text: str) -> int:
+    text = text.strip().upper()
+    scale = SUFFIXES.get(text[-1:], 1)
+    number = float(text[:-1] if text[-1:] in SUFFIXES else text)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text}")
+    return int(number * scale)
+
+
+def format_size(n: int) -> str:
+    for suffix, scale in sorted(SUFFIXES.items(), key=lambda kv: -kv[1]):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale}{suffix}"
+    return str(n)
+
+
+def format_bytes(n: int) -> str:
+    return f"{n / 2**20:.2f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB" if n >= 2**10 else f"{n} B"
+
+
+def _comma_list(allowed: list[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        unknown = [s for s in items if s not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {', '.join(allowed)}")
+        return items
+    return parse
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=lambda s: [parse_size(x) for x in s.split(",")],
+                        default=[2**20, 16 * 2**20, 64 * 2**20],
+                        help="total parameter counts, K/M/G = 2^10/2^20/2^30 (default 1M,16M,64M)")
+    parser.add_argument("--layouts", type=_comma_list(["mixed", "single"]), default=["mixed", "single"],
+                        help="mixed: transformer-like tensors; single: one tensor (default both)")
+    parser.add_argument("--methods", type=_comma_list(list(METHODS)), default=None,
+                        help=f"comma-separated, default all available: {', '.join(METHODS)}")
+    parser.add_argument("--reps", type=int, default=10, help="timed steps per method (default 10)")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed steps first; compiled methods compile here (default 3)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})")
+    parser.add_argument("--isa-default", action="store_true",
+                        help=f"re-run with {ISA_ENV}=default (torchsgd8's portable kernels)")
+    parser.add_argument("--check-threads", action="store_true",
+                        help="only check that torchsgd8 results are bit-identical for 1 and 2 threads")
+    parser.add_argument("--memory-check", action="store_true",
+                        help="only report the largest allocation during a torchsgd8 step (largest --sizes)")
+    args = parser.parse_args(argv)
+    if args.reps < 1 or args.warmup < 1:
+        parser.error("--reps and --warmup must be >= 1")
+    if args.methods is None:
+        args.methods = available_methods()
+    elif any(m.startswith("bnb_") for m in args.methods) and bnb is None:
+        parser.error("bitsandbytes does not import; drop the bnb_* methods")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.isa_default and os.environ.get(ISA_ENV) != "default":
+        # the kernels are chosen once per process, so the choice needs a fresh one
+        env = {**os.environ, ISA_ENV: "default"}
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+    threads = torch.get_num_threads()
+    info = machine_info()
+    print(f"{info['cpu_model']}, {info['cpu_count']} cpus, {threads} torch threads; torch {info['torch_version']}, "
+          f"torchsgd8 {info['torchsgd8_version']} ({info['torchsgd8_cpu_isa']}), "
+          f"bitsandbytes {info['bitsandbytes_version']}")
+
+    if args.check_threads or args.memory_check:
+        ok = check_threads() if args.check_threads else True
+        if args.memory_check:
+            memory_check(max(args.sizes), args.layouts)
+        return 0 if ok else 1
+
+    configs = []
+    for total in args.sizes:
+        for layout in args.layouts:
+            config = run_config(total, layout, args.methods, args.reps, args.warmup, args.seed)
+            print_table(config, threads)
+            configs.append(config)
+
+    report = {
+        "machine": info,
+        "settings": {"lr": LR, "momentum": MOMENTUM, "sizes": args.sizes, "layouts": args.layouts,
+                     "methods": args.methods, "reps": args.reps, "warmup": args.warmup, "threads": threads,
+                     "seed": args.seed, "axpy_bytes_per_element": AXPY_BYTES_PER_ELEMENT},
+        "results": configs,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=1))
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

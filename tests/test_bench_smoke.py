@@ -1,0 +1,48 @@
+"""benchmarks/bench_step.py runs end to end in a tiny configuration and writes the documented JSON."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_step.py"
+METHODS = ["torch_foreach", "torch_fused", "torchsgd8_fp32", "torchsgd8_8bit"]
+METHOD_FIELDS = {
+    "method", "error", "median_ms", "min_ms", "times_ms", "warmup_ms", "ideal_bytes", "ideal_bytes_per_param",
+    "gbps", "x_roofline", "x_fused", "state_bytes_per_param", "compile_s",
+}
+MACHINE_FIELDS = {
+    "cpu_model", "cpu_count", "torch_threads", "torch_version", "torchsgd8_version", "torchsgd8_cpu_isa",
+    "bitsandbytes_version", "date",
+}
+
+
+def test_bench_step_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(BENCH), "--sizes", "64K", "--reps", "2", "--warmup", "1",
+           "--layouts", "mixed,single", "--methods", ",".join(METHODS), "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "x roofline" in proc.stdout
+
+    report = json.loads(out.read_text())
+    assert MACHINE_FIELDS <= report["machine"].keys()
+    assert report["settings"]["sizes"] == [65536]
+    assert [(c["size"], c["layout"]) for c in report["results"]] == [(65536, "mixed"), (65536, "single")]
+    for config in report["results"]:
+        assert sum(math.prod(shape) for shape in config["shapes"]) == 65536
+        assert config["axpy"]["median_ms"] > 0
+        assert [row["method"] for row in config["methods"]] == METHODS
+        rows = {row["method"]: row for row in config["methods"]}
+        for row in rows.values():
+            assert row.keys() == METHOD_FIELDS
+            assert row["error"] is None
+            assert len(row["times_ms"]) == 2 and row["median_ms"] > 0 and row["compile_s"] is None
+        assert rows["torch_fused"]["x_fused"] == 1.0
+        assert rows["torchsgd8_fp32"]["ideal_bytes_per_param"] == 20
+        assert rows["torchsgd8_fp32"]["state_bytes_per_param"] == 4
+        # 8-bit: 1 B codes + 4 B absmax per 256 elements (+ small fp32 vectors and the codebook)
+        assert 1.0 < rows["torchsgd8_8bit"]["state_bytes_per_param"] < 1.2
+        assert 14 < rows["torchsgd8_8bit"]["ideal_bytes_per_param"] < 16
