@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <vector>
 
 #include "quant.h"
 #include "sgd_rule.h"
@@ -17,6 +18,20 @@ inline int64_t num_blocks(int64_t numel) {
 
 inline bool is_supported_param_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+// Complex params (and their grads and buffers) are updated as (real, imag) pairs, as torch.optim.SGD does.
+inline bool is_supported_update_dtype(at::ScalarType t) {
+  return is_supported_param_dtype(t) || t == at::kComplexFloat || t == at::kComplexDouble;
+}
+
+inline std::vector<at::Tensor> as_real(at::TensorList tensors) {
+  std::vector<at::Tensor> out;
+  out.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) {
+    out.push_back(t.is_complex() ? at::view_as_real(t) : t);
+  }
+  return out;
 }
 
 inline double read_hyperparameter(const at::Tensor& t, const char* name) {
@@ -32,8 +47,8 @@ inline void check_params_and_grads(at::TensorList params, at::TensorList grads) 
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
-    TORCH_CHECK(is_supported_param_dtype(p.scalar_type()),
-                "torchsgd8: params must be float32, float64, bfloat16 or float16; param ", i, " is ",
+    TORCH_CHECK(is_supported_update_dtype(p.scalar_type()),
+                "torchsgd8: params must be float32, float64, bfloat16, float16 or complex; param ", i, " is ",
                 p.scalar_type());
     TORCH_CHECK(p.device() == params[0].device() && p.scalar_type() == params[0].scalar_type(),
                 "torchsgd8: all params of one call must share device and dtype; param ", i, " is ",
@@ -71,8 +86,9 @@ inline void check_codes_and_absmax(at::TensorList params, at::TensorList codes, 
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK(codes[i].scalar_type() == at::kByte, "torchsgd8: codes[", i, "] must be uint8, got ",
                 codes[i].scalar_type());
-    TORCH_CHECK(params[i].scalar_type() != at::kDouble,
-                "torchsgd8: 8-bit state is for float32/bfloat16/float16 params; param ", i, " is float64");
+    const at::ScalarType t = params[i].scalar_type();
+    TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf,
+                "torchsgd8: 8-bit state is for float32/bfloat16/float16 params; param ", i, " is ", t);
     TORCH_CHECK(absmax[i].scalar_type() == at::kFloat && absmax[i].dim() == 1 &&
                     absmax[i].numel() == num_blocks(params[i].numel()) && absmax[i].is_contiguous() &&
                     absmax[i].device() == params[i].device(),
@@ -94,7 +110,9 @@ inline bool read_hyper(const at::Tensor& lr, const at::Tensor& momentum, double 
   h.weight_decay = weight_decay;
   h.unscale = grad_scale.has_value();
   h.grad_scale = h.unscale ? read_hyperparameter(*grad_scale, "grad_scale") : 1.0;
-  h.use_momentum = use_momentum;
+  // a momentum tensor whose value is 0 means plain SGD, as torch.optim.SGD decides by value: the buffer
+  // is neither read nor written
+  h.use_momentum = use_momentum && h.momentum != 0.0;
   h.first_step = first_step;
   h.nesterov = nesterov;
   h.maximize = maximize;

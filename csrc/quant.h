@@ -217,4 +217,10 @@ TORCHSGD8_HOST_DEVICE float absmax_accumulate(float running, float v) {
   return (a > running || a != a) ? a : running;
 }
 
+// One NaN bit pattern for every kernel (SIMD max may produce other NaN payloads), so absmax is bitwise
+// identical across instruction sets.
+TORCHSGD8_HOST_DEVICE float canonical_nan(float v) {
+  return v != v ? c10::bit_cast<float>(0x7fc00000u) : v;
+}
+
 }  // namespace torchsgd8

@@ -40,6 +40,15 @@ TORCHSGD8_HOST_DEVICE double fmadd(double a, double b, double c) {
   return std::fma(a, b, c);
 }
 
+// The rule calls fused multiply-add through this point, so a vector type whose fmadd is not fused (at::vec's
+// portable Vectorized computes a * b + c with two roundings) can be given a lane-wise fused one.
+template <typename Value>
+struct FusedMultiplyAdd {
+  static TORCHSGD8_HOST_DEVICE Value apply(const Value& a, const Value& b, const Value& c) {
+    return fmadd(a, b, c);
+  }
+};
+
 template <typename acc_t>
 struct SgdHyper {
   acc_t lr;
@@ -64,13 +73,13 @@ TORCHSGD8_HOST_DEVICE Value sgd_rule(Value param, Value grad, Value& buf, const 
     d = -d;
   }
   if (h.weight_decay != acc_t(0)) {
-    d = fmadd(param, Value(h.weight_decay), d);
+    d = FusedMultiplyAdd<Value>::apply(param, Value(h.weight_decay), d);
   }
   if (h.use_momentum) {
-    buf = h.first_step ? d : fmadd(d, Value(h.dampening_complement), Value(h.momentum) * buf);
-    d = h.nesterov ? fmadd(buf, Value(h.momentum), d) : buf;
+    buf = h.first_step ? d : FusedMultiplyAdd<Value>::apply(d, Value(h.dampening_complement), Value(h.momentum) * buf);
+    d = h.nesterov ? FusedMultiplyAdd<Value>::apply(buf, Value(h.momentum), d) : buf;
   }
-  return fmadd(d, Value(-h.lr), param);
+  return FusedMultiplyAdd<Value>::apply(d, Value(-h.lr), param);
 }
 
 // Hyperparameters are read once per call in double, then narrowed to the accumulation type.

@@ -195,7 +195,7 @@ def _bad_sgd_cases():
         ("noncontig-grad", noncontig_grad, r"grad 2 is not contiguous"),
         ("buffer-dtype", buf_dtype, r"momentum_buffers\[2\] must have its param's dtype"),
         ("buffer-shape", buf_shape, r"momentum_buffers\[2\] must be contiguous with its param's shape"),
-        ("int-param", int_param, r"params must be float32, float64, bfloat16 or float16; param 2"),
+        ("int-param", int_param, r"params must be float32, float64, bfloat16, float16 or complex; param 2"),
         ("mixed-dtype", mixed_dtype, r"share device and dtype; param 2"),
         ("lr-2-elements", lr_two, r"lr must be a 1-element tensor"),
         ("momentum-2-elements", momentum_two, r"momentum must be a 1-element tensor"),

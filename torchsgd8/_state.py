@@ -13,6 +13,7 @@ before the optimizer is touched.
 from __future__ import annotations
 
 import copy
+import math
 from collections import defaultdict
 from itertools import chain
 from typing import Any
@@ -42,12 +43,25 @@ def convert_state_dict(optimizer, state_dict: dict[str, Any]) -> tuple[list[dict
     if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
         raise StateDictError("optimizer state dict must be a dict with 'state' and 'param_groups'")
     version = state_dict.get(FORMAT_KEY)
-    if version is not None and version != FORMAT_VERSION:
+    if version is not None and (type(version) is not int or version != FORMAT_VERSION):
         raise StateDictError(
             f"state dict has torchsgd8 format version {version!r}; this torchsgd8 reads version {FORMAT_VERSION}"
         )
     groups = optimizer.param_groups
     saved_groups = state_dict["param_groups"]
+    if not isinstance(state_dict["state"], dict):
+        raise StateDictError(f"'state' must be a dict keyed by param id, got {type(state_dict['state']).__name__}")
+    if not isinstance(saved_groups, (list, tuple)):
+        raise StateDictError(f"'param_groups' must be a list of dicts, got {type(saved_groups).__name__}")
+    for i, g in enumerate(saved_groups):
+        if not isinstance(g, dict):
+            raise StateDictError(f"param group {i} must be a dict, got {type(g).__name__}")
+        ids = g.get("params")
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(x, int) and not isinstance(x, bool) for x in ids):
+            raise StateDictError(f"param group {i} needs 'params': a list of int param ids, got {ids!r:.80}")
+    saved_ids = list(chain.from_iterable(g["params"] for g in saved_groups))
+    if len(set(saved_ids)) != len(saved_ids):
+        raise StateDictError("a param id appears more than once in 'param_groups'")
     if len(groups) != len(saved_groups):
         raise StateDictError(
             f"state dict has {len(saved_groups)} param groups, the optimizer has {len(groups)}"
@@ -65,11 +79,10 @@ def convert_state_dict(optimizer, state_dict: dict[str, Any]) -> tuple[list[dict
         except (ValueError, TypeError) as e:
             raise StateDictError(f"state dict has an invalid param group: {e}") from e
 
-    saved_ids = list(chain.from_iterable(g["params"] for g in saved_groups))
     id_to_param = dict(zip(saved_ids, chain.from_iterable(g["params"] for g in groups)))
     id_to_group = {pid: new_groups[gi] for gi, g in enumerate(saved_groups) for pid in g["params"]}
     id_to_index = {pid: idx for idx, pid in enumerate(saved_ids)}
-    unknown = [k for k in state_dict["state"] if k not in id_to_param]
+    unknown = [k for k in state_dict["state"] if not isinstance(k, int) or k not in id_to_param]
     if unknown:
         raise StateDictError(f"state dict has state for unknown param ids {unknown[:5]}")
 
@@ -100,8 +113,14 @@ def _convert_group(group: dict, saved: dict, index: int) -> dict:
     for key in ("nesterov", "maximize") + precision_keys:
         if key in precision_keys or key not in new:
             new[key] = group[key]
-    if "rounding_seed" in group and not isinstance(new.get("rounding_seed"), Tensor):
-        new["rounding_seed"] = group["rounding_seed"]
+    seed = new.get("rounding_seed")
+    if seed is not None and not (isinstance(seed, Tensor) and seed.numel() == 1 and seed.dtype == torch.int64
+                                 and seed.layout == torch.strided and not seed.is_meta):
+        raise StateDictError(f"param group {index}: 'rounding_seed' must be a 1-element int64 tensor")
+    if seed is None and "rounding_seed" in group:
+        new["rounding_seed"] = group["rounding_seed"].clone()
+    elif seed is not None:
+        new["rounding_seed"] = seed.reshape(()).cpu()
     lr = group["lr"]
     if isinstance(lr, Tensor) and not isinstance(new["lr"], Tensor):  # keep a tensor lr a tensor (in place)
         new["lr"] = lr.detach().clone().fill_(new["lr"])
@@ -123,9 +142,15 @@ def _unwrap(saved_state: dict, where: str) -> dict:
     return {k: v for k, v in flat.items() if k not in _BNB_IGNORABLE_KEYS}
 
 
+def _names(keys) -> list:
+    return sorted(keys, key=repr)  # keys of any type, ordered for stable messages
+
+
 def _check_tensor(value: Any, where: str, key: str, shape=None, dtype=None, floating=False) -> Tensor:
     if not isinstance(value, Tensor):
         raise StateDictError(f"{where}: '{key}' must be a tensor, got {type(value).__name__}")
+    if value.layout != torch.strided or value.is_meta:
+        raise StateDictError(f"{where}: '{key}' must be a dense tensor with data, got {value.layout} on {value.device}")
     if shape is not None and tuple(value.shape) != tuple(shape):
         raise StateDictError(f"{where}: '{key}' has shape {tuple(value.shape)}, expected {tuple(shape)}")
     if dtype is not None and value.dtype != dtype:
@@ -137,11 +162,11 @@ def _check_tensor(value: Any, where: str, key: str, shape=None, dtype=None, floa
 
 def _read_step(value: Any, where: str) -> Tensor:
     if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise StateDictError(f"{where}: 'step' must hold one number, got shape {tuple(value.shape)}")
+        if value.numel() != 1 or value.layout != torch.strided or value.is_meta:
+            raise StateDictError(f"{where}: 'step' must hold one number, got {value.layout} shape {tuple(value.shape)}")
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise StateDictError(f"{where}: 'step' must be a number >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise StateDictError(f"{where}: 'step' must be a number >= 0 (and finite), got {value!r}")
     return torch.tensor(float(value), dtype=torch.float32)
 
 
@@ -153,22 +178,22 @@ def _read_momentum(flat: dict, param: Tensor, where: str) -> tuple[str, Any]:
     if "momentum_buffer" in keys:
         extra = keys - {"momentum_buffer"}
         if extra:
-            raise StateDictError(f"{where}: unexpected keys {sorted(extra)} beside 'momentum_buffer'")
+            raise StateDictError(f"{where}: unexpected keys {_names(extra)} beside 'momentum_buffer'")
         buf = flat["momentum_buffer"]
         if buf is None:
             return "none", None
         return "full", _check_tensor(buf, where, "momentum_buffer", shape=param.shape, floating=True)
     if "state1" not in keys:
-        raise StateDictError(f"{where}: no 'momentum_buffer' or 'state1' among keys {sorted(keys)}")
+        raise StateDictError(f"{where}: no 'momentum_buffer' or 'state1' among keys {_names(keys)}")
     state1 = flat["state1"]
     _check_tensor(state1, where, "state1", shape=param.shape)
     if state1.dtype == torch.uint8:
         missing = {"absmax1", "qmap1"} - keys
         if missing:
-            raise StateDictError(f"{where}: 8-bit 'state1' needs {sorted(missing)}")
+            raise StateDictError(f"{where}: 8-bit 'state1' needs {_names(missing)}")
         extra = keys - {"state1", "absmax1", "qmap1", "step"}
         if extra:
-            raise StateDictError(f"{where}: unexpected keys {sorted(extra)} in 8-bit state")
+            raise StateDictError(f"{where}: unexpected keys {_names(extra)} in 8-bit state")
         absmax = _check_tensor(flat["absmax1"], where, "absmax1", shape=(ops.num_blocks(param.numel()),),
                                dtype=torch.float32)
         qmap = _check_tensor(flat["qmap1"], where, "qmap1", shape=(256,), dtype=torch.float32)
@@ -177,7 +202,7 @@ def _read_momentum(flat: dict, param: Tensor, where: str) -> tuple[str, Any]:
         return "8bit", (state1, absmax, qmap, _read_step(flat.get("step", 1), where))
     extra = keys - {"state1", "step"}
     if extra:
-        raise StateDictError(f"{where}: unexpected keys {sorted(extra)} in 32-bit state")
+        raise StateDictError(f"{where}: unexpected keys {_names(extra)} in 32-bit state")
     return "full", _check_tensor(state1, where, "state1", floating=True)
 
 

@@ -93,6 +93,17 @@ def _read_bnb_args(args: Any, optim_bits: int, min_8bit_size: int) -> tuple[int,
     return getattr(args, "optim_bits", optim_bits), getattr(args, "min_8bit_size", min_8bit_size)
 
 
+def _check_grad(p: Tensor, grad: Tensor, where: str) -> None:
+    if grad.is_sparse or grad.layout != torch.strided:
+        raise RuntimeError(f"torchsgd8: the grad of {where} is sparse; sparse gradients are not supported "
+                           "(use torch.optim.SGD)")
+    if grad.dtype != p.dtype or grad.shape != p.shape or grad.device != p.device:
+        raise RuntimeError(
+            f"torchsgd8: the grad of {where} ({grad.dtype}, shape {tuple(grad.shape)}, {grad.device}) must match "
+            f"its param ({p.dtype}, shape {tuple(p.shape)}, {p.device})"
+        )
+
+
 def _ensure_rounding_seed(group: dict) -> None:
     if group.get("stochastic_rounding") and "rounding_seed" not in group:
         group["rounding_seed"] = torch.randint(0, 2**62, (), dtype=torch.int64)
@@ -158,7 +169,14 @@ class SGD(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _validate_group(group)
+        try:
+            if len({id(p) for p in group["params"]}) != len(group["params"]):
+                # torch only warns; updating one tensor twice in one fused call would race between threads
+                raise ValueError("torchsgd8: duplicate parameters in a param group (a tensor appears twice)")
+            _validate_group(group)
+        except (ValueError, TypeError):
+            self.param_groups.pop()  # a rejected group must not stay in the optimizer
+            raise
         _ensure_rounding_seed(group)
 
     # ---- state -------------------------------------------------------------------------------------
@@ -198,6 +216,12 @@ class SGD(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        # every grad is checked before any state is created or any param changes: a bad grad in the last
+        # group must not leave earlier groups updated or new zero state behind
+        for g, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    _check_grad(p, p.grad, f"param {i} in group {g}")
         for group in self.param_groups:
             self._update_group(group, grad_scale, found_inf)
         return loss
@@ -212,8 +236,6 @@ class SGD(Optimizer):
             grad = p.grad
             if grad is None:
                 continue
-            if grad.is_sparse:
-                raise RuntimeError("torchsgd8: sparse gradients are not supported; use torch.optim.SGD")
             kind, first_step, state = "none", False, None
             if uses_momentum:  # without momentum there is no state at all, as in torch
                 state = self.state[p]
@@ -222,9 +244,7 @@ class SGD(Optimizer):
                     self._init_state(p, group, state)
                     created.append(p)
                 kind = "8bit" if "state1" in state else "fp32"
-            work = p
-            if p.is_complex():  # like torch: complex params are updated as (real, imag) pairs
-                work, grad = torch.view_as_real(p), torch.view_as_real(grad)
+            work = p  # complex params go to the op as they are: it updates (real, imag) pairs, like torch
             if not work.is_contiguous():
                 work = work.contiguous()
                 staged.append((p, work))
@@ -232,8 +252,7 @@ class SGD(Optimizer):
             bucket["params"].append(work)
             bucket["grads"].append(grad.contiguous())
             if kind == "fp32":
-                buf = state["momentum_buffer"]
-                bucket["buffers"].append(torch.view_as_real(buf) if buf.is_complex() else buf)
+                bucket["buffers"].append(state["momentum_buffer"])
             elif kind == "8bit":
                 bucket["codes"].append(state["state1"])
                 bucket["absmax"].append(state["absmax1"])
@@ -255,7 +274,7 @@ class SGD(Optimizer):
             else:
                 ops.sgd_update_(b["params"], b["grads"], b["buffers"], *common)
         for p, work in staged:
-            p.copy_(work.view_as(p) if not p.is_complex() else torch.view_as_complex(work))
+            p.copy_(work)
         if rounding_seed is not None and buckets:
             rounding_seed.add_(1)  # fresh noise next step
         if created and found_inf is not None and not torch.compiler.is_compiling() and bool(found_inf):

@@ -46,7 +46,7 @@ void sgd_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   SgdHyper<double> hyper;
   if (read_hyper(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, use_momentum,
                  grad_scale, found_inf, rounding_seed, params, hyper)) {
-    kernels().sgd_update(params, grads, momentum_buffers, hyper);
+    kernels().sgd_update(as_real(params), as_real(grads), as_real(momentum_buffers), hyper);
   }
 }
 

@@ -25,6 +25,27 @@
 #define CPU_CAPABILITY DEFAULT
 #endif
 
+#if !defined(CPU_CAPABILITY_AVX2)
+namespace torchsgd8 {
+// The portable at::vec::fmadd rounds twice; the rule promises torch's single rounding (and the same bits
+// as the scalar tails), so fuse lane by lane.
+template <typename T>
+struct FusedMultiplyAdd<at::vec::Vectorized<T>> {
+  using Vec = at::vec::Vectorized<T>;
+  static Vec apply(const Vec& a, const Vec& b, const Vec& c) {
+    T x[Vec::size()], y[Vec::size()], z[Vec::size()];
+    a.store(x);
+    b.store(y);
+    c.store(z);
+    for (int i = 0; i < Vec::size(); ++i) {
+      x[i] = std::fma(x[i], y[i], z[i]);
+    }
+    return Vec::loadu(x);
+  }
+};
+}  // namespace torchsgd8
+#endif
+
 namespace torchsgd8::cpu {
 namespace CPU_CAPABILITY {
 namespace {
@@ -156,7 +177,7 @@ inline float block_absmax(const float* v, int64_t n) {
   for (; i < n; ++i) {
     result = absmax_accumulate(result, v[i]);
   }
-  return result;
+  return canonical_nan(result);
 }
 
 #if defined(CPU_CAPABILITY_AVX2)
@@ -193,9 +214,18 @@ inline void dequantize_avx2(const uint8_t* codes, float absmax, int64_t n, float
 }
 #endif
 
-inline void quantize_block(const float* v, int64_t n, uint8_t* codes, float* absmax) {
-  const float a = block_absmax(v, n);
-  *absmax = a;
+inline void dequantize_block(const uint8_t* codes, float absmax, int64_t n, float* out) {
+  int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+  dequantize_avx2(codes, absmax, n, out, i);
+#endif
+  for (; i < n; ++i) {
+    out[i] = dequantize_value(codes[i], absmax);
+  }
+}
+
+// Codes of a block whose absmax is already known.
+inline void quantize_with_absmax(const float* v, int64_t n, float a, uint8_t* codes) {
   if (a == 0.0f) {
     std::fill(codes, codes + n, kZeroCode);
     return;
@@ -209,15 +239,29 @@ inline void quantize_block(const float* v, int64_t n, uint8_t* codes, float* abs
   }
 }
 
-inline void dequantize_block(const uint8_t* codes, float absmax, int64_t n, float* out) {
-  int64_t i = 0;
-#if defined(CPU_CAPABILITY_AVX2)
-  dequantize_avx2(codes, absmax, n, out, i);
-#endif
-  for (; i < n; ++i) {
-    out[i] = dequantize_value(codes[i], absmax);
-  }
+inline void quantize_block(const float* v, int64_t n, uint8_t* codes, float* absmax) {
+  *absmax = block_absmax(v, n);
+  quantize_with_absmax(v, n, *absmax, codes);
 }
+
+// kParts float vectors of dequantized codes (one step of the SIMD loops).
+inline void load_dequantized(const uint8_t* codes, float absmax, Vectorized<float> (&v)[kParts]) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256 scale = _mm256_set1_ps(absmax);
+  for (int k = 0; k < kParts; ++k) {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * k));
+    const __m256 q = _mm256_i32gather_ps(kSignedDynamicMap, _mm256_cvtepu8_epi32(bytes), 4);
+    v[k] = Vectorized<float>(_mm256_mul_ps(q, scale));
+  }
+#else
+  alignas(64) float values[kStep<float>];
+  dequantize_block(codes, absmax, kStep<float>, values);
+  for (int k = 0; k < kParts; ++k) {
+    v[k] = Vectorized<float>::loadu(values + k * Vectorized<float>::size());
+  }
+#endif
+}
+
 
 template <typename T>
 using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -238,6 +282,55 @@ void sgd_update(at::TensorList params, at::TensorList grads, at::TensorList mome
   });
 }
 
+// One 256-element block of the 8-bit step in one pass: dequantize the old buffer, apply the rule, track
+// the new absmax, then requantize from a 1 KiB stack copy of the new buffer (L1-resident).
+template <typename T>
+void update_block_8bit(T* param, const T* grad, uint8_t* code, float* absmax, int64_t n,
+                       const SgdHyper<float>& hyper, uint32_t tensor, int64_t first_index) {
+  alignas(64) float buf[kBlockSize];
+  const SgdHyper<float> h = hyper;  // local copy: see update_range
+  if (h.stochastic_rounding) {  // bf16 only: the rule runs in the scalar stochastic-rounding loop
+    if (!h.first_step) {
+      dequantize_block(code, *absmax, n, buf);
+    }
+    update_range(param, grad, buf, n, h, tensor, first_index);
+    quantize_block(buf, n, code, absmax);
+    return;
+  }
+  const float old_absmax = *absmax;
+  Vectorized<float> running(0.0f);
+  int64_t i = 0;
+  for (; i + kStep<float> <= n; i += kStep<float>) {
+    Vectorized<float> p[kParts], g[kParts], b[kParts];
+    load_parts(param + i, p);
+    load_parts(grad + i, g);
+    if (!h.first_step) {
+      load_dequantized(code + i, old_absmax, b);
+    }
+    for (int k = 0; k < kParts; ++k) {
+      p[k] = sgd_rule(p[k], g[k], b[k], h);
+      running = at::vec::maximum(running, b[k].abs());  // maximum propagates NaN
+      b[k].store(buf + i + k * Vectorized<float>::size());
+    }
+    store_parts(param + i, p);
+  }
+  float lanes[Vectorized<float>::size()];
+  running.store(lanes);
+  float new_absmax = 0.0f;
+  for (float lane : lanes) {
+    new_absmax = absmax_accumulate(new_absmax, lane);
+  }
+  for (; i < n; ++i) {
+    float b = h.first_step ? 0.0f : dequantize_value(code[i], old_absmax);
+    param[i] = static_cast<T>(sgd_rule(static_cast<float>(param[i]), static_cast<float>(grad[i]), b, h));
+    buf[i] = b;
+    new_absmax = absmax_accumulate(new_absmax, b);
+  }
+  new_absmax = canonical_nan(new_absmax);
+  *absmax = new_absmax;
+  quantize_with_absmax(buf, n, new_absmax, code);
+}
+
 template <typename scalar_t>
 void sgd8bit_update_typed(at::TensorList params, at::TensorList grads, at::TensorList codes,
                           at::TensorList absmax, const SgdHyper<float>& h) {
@@ -246,15 +339,9 @@ void sgd8bit_update_typed(at::TensorList params, at::TensorList grads, at::Tenso
     const scalar_t* grad = grads[t].const_data_ptr<scalar_t>();
     uint8_t* code = codes[t].data_ptr<uint8_t>();
     float* scale = absmax[t].data_ptr<float>();
-    alignas(64) float buf[kBlockSize];
     for (int64_t start = begin; start < end; start += kBlockSize) {
-      const int64_t n = std::min(kBlockSize, end - start);
-      const int64_t block = start / kBlockSize;
-      if (!h.first_step) {
-        dequantize_block(code + start, scale[block], n, buf);
-      }
-      update_range(param + start, grad + start, buf, n, h, static_cast<uint32_t>(t), start);
-      quantize_block(buf, n, code + start, scale + block);
+      update_block_8bit(param + start, grad + start, code + start, scale + start / kBlockSize,
+                        std::min(kBlockSize, end - start), h, static_cast<uint32_t>(t), start);
     }
   });
 }
