@@ -353,10 +353,20 @@ void sgd8bit_update(at::TensorList params, at::TensorList grads, at::TensorList 
   }
   const SgdHyper<float> h = cast_hyper<float>(hyper);
   // float64 params keep full-precision state (the op checks), so no float64 instantiation.
-  AT_DISPATCH_SWITCH(params[0].scalar_type(), "sgd8bit_update_",
-                     AT_DISPATCH_CASE(at::kFloat, [&] { sgd8bit_update_typed<scalar_t>(params, grads, codes, absmax, h); })
-                     AT_DISPATCH_CASE(at::kBFloat16, [&] { sgd8bit_update_typed<scalar_t>(params, grads, codes, absmax, h); })
-                     AT_DISPATCH_CASE(at::kHalf, [&] { sgd8bit_update_typed<scalar_t>(params, grads, codes, absmax, h); }));
+  const auto run = [&](auto param_type) {
+    sgd8bit_update_typed<decltype(param_type)>(params, grads, codes, absmax, h);
+  };
+  switch (params[0].scalar_type()) {
+    case at::kFloat:
+      return run(float{});
+    case at::kBFloat16:
+      return run(c10::BFloat16{});
+    case at::kHalf:
+      return run(c10::Half{});
+    default:
+      TORCH_CHECK(false, "torchsgd8: 8-bit state is for float32/bfloat16/float16 params, got ",
+                  params[0].scalar_type());
+  }
 }
 
 void quantize_blockwise(const at::Tensor& values, const at::Tensor& codes, const at::Tensor& absmax) {
