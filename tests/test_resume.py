@@ -161,9 +161,11 @@ def test_compiled_step_resume_is_bitwise_the_eager_uninterrupted_run(tmp_path):
     finish(first)
     resumed = finish(start(tmp_path, "resume", compiled, "compiled"))
     check_run(finish(full), first[1], resumed, compiled, "compiled resume vs eager uninterrupted")
-    # the step really ran compiled: one graph for the steady state (the state came from the checkpoint)
-    assert resumed["compiled_frames"] == 1, resumed["compiled_frames"]
-    assert torch.load(first[1], weights_only=True)["compiled_frames"] in (1, 2)  # first step, steady state
+    # the step really ran compiled: one graph for the steady state (the state came from the checkpoint),
+    # plus at most one recompile when StepLR first changes the bias group's plain float lr (dynamo then
+    # treats that float as dynamic; see README "What compiles when")
+    assert resumed["compiled_frames"] in (1, 2), resumed["compiled_frames"]
+    assert torch.load(first[1], weights_only=True)["compiled_frames"] in (1, 2, 3)  # first step, steady, float lr
 
 
 def test_checkpoint_is_a_plain_weights_only_state_dict(tmp_path):

@@ -162,6 +162,7 @@ class SGD(Optimizer):
         )
         _validate_group({**defaults, "params": []})
         self._qmaps: dict[torch.device, Tensor] = {}
+        self._step_record: dict[str, bool] = {}
         super().__init__(params, defaults)
         # GradScaler: lets scaler.step() hand us grad_scale / found_inf instead of unscaling first.
         self._step_supports_amp_scaling = True
@@ -214,6 +215,7 @@ class SGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._step_record["called"] = True  # what an LR scheduler's step wrapper would record (see below)
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         # every grad is checked before any state is created or any param changes: a bad grad in the last
@@ -286,6 +288,22 @@ class SGD(Optimizer):
             for p in created:
                 del self.state[p]
 
+    # Every torch LR scheduler replaces `opt.step` on the instance with a wrapper (to record that step ran)
+    # that dynamo refuses to trace, so `torch.compile(opt.step, fullgraph=True)` and a compiled training
+    # step calling `opt.step()` would fail once a scheduler exists. Schedulers skip the wrapping when step
+    # is marked as already wrapped; step records `_opt_called` itself, so nothing is lost.
+    step._wrapped_by_lr_sched = True
+
+    # Read by the schedulers ("lr_scheduler.step() before optimizer.step()" warning). Kept in a dict because
+    # dynamo replays mutations of a dict but drops attribute writes on an optimizer inside a compiled step.
+    @property
+    def _opt_called(self) -> bool:
+        return self._step_record.get("called", False)
+
+    @_opt_called.setter
+    def _opt_called(self, value: bool) -> None:
+        self._step_record["called"] = value
+
     # ---- state dict ----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -311,6 +329,7 @@ class SGD(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_qmaps", {})
+        self.__dict__.setdefault("_step_record", {})
         self._step_supports_amp_scaling = True
         for group in self.param_groups:
             for key, value in self.defaults.items():
