@@ -28,6 +28,11 @@ _BNB_ARGS_UNSUPPORTED_DEFAULTS = {
     "is_paged": False,
 }
 
+try:  # FSDP2 shards params as DTensors
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed support
+    DTensor = ()
+
 _CODEBOOK = signed_dynamic_map()
 
 # dtypes whose momentum can be kept in 8 bits; others (float64, complex) keep a full-precision buffer.
@@ -91,6 +96,20 @@ def _read_bnb_args(args: Any, optim_bits: int, min_8bit_size: int) -> tuple[int,
                 f"(only {off!r}); torchsgd8 implements optim_bits and min_8bit_size from `args`"
             )
     return getattr(args, "optim_bits", optim_bits), getattr(args, "min_8bit_size", min_8bit_size)
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (a view: updating it updates the DTensor), or the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _like_param(p: Tensor, local: Tensor) -> Tensor:
+    """State for `p` from this rank's `local` part: a DTensor with p's mesh and placements when p is one, so
+    torch.distributed.checkpoint sees state sharded exactly like its param."""
+    if isinstance(p, DTensor):
+        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                  stride=p.stride())
+    return local
 
 
 def _check_grad(p: Tensor, grad: Tensor, where: str) -> None:
@@ -174,8 +193,14 @@ class SGD(Optimizer):
             if len({id(p) for p in group["params"]}) != len(group["params"]):
                 # torch only warns; updating one tensor twice in one fused call would race between threads
                 raise ValueError("torchsgd8: duplicate parameters in a param group (a tensor appears twice)")
+            if any(isinstance(p, DTensor) and self._wants_8bit(p, group) for p in group["params"]):
+                raise NotImplementedError(
+                    "torchsgd8: 8-bit state for sharded (FSDP2 / DTensor) params is not implemented yet: the "
+                    "absmax blocks of a shard do not line up with the shards of other world sizes. Use "
+                    "SGD32bit, or a min_8bit_size above the sizes of the sharded params."
+                )
             _validate_group(group)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, NotImplementedError):
             self.param_groups.pop()  # a rejected group must not stay in the optimizer
             raise
         _ensure_rounding_seed(group)
@@ -204,7 +229,8 @@ class SGD(Optimizer):
             state["absmax1"] = torch.zeros(ops.num_blocks(p.numel()), dtype=torch.float32, device=p.device)
             state["qmap1"] = self._qmap(p.device)
         else:
-            state["momentum_buffer"] = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+            local = _local(p)
+            state["momentum_buffer"] = _like_param(p, torch.zeros(local.shape, dtype=local.dtype, device=local.device))
 
     # ---- step --------------------------------------------------------------------------------------
 
@@ -246,7 +272,9 @@ class SGD(Optimizer):
                     self._init_state(p, group, state)
                     created.append(p)
                 kind = "8bit" if "state1" in state else "fp32"
-            work = p  # complex params go to the op as they are: it updates (real, imag) pairs, like torch
+            # complex params go to the op as they are: it updates (real, imag) pairs, like torch; sharded
+            # (FSDP2) params are updated shard by shard, each rank its own, with no communication
+            work, grad = _local(p), _local(grad)
             if not work.is_contiguous():
                 work = work.contiguous()
                 staged.append((p, work))
@@ -254,7 +282,7 @@ class SGD(Optimizer):
             bucket["params"].append(work)
             bucket["grads"].append(grad.contiguous())
             if kind == "fp32":
-                bucket["buffers"].append(state["momentum_buffer"])
+                bucket["buffers"].append(_local(state["momentum_buffer"]))
             elif kind == "8bit":
                 bucket["codes"].append(state["state1"])
                 bucket["absmax"].append(state["absmax1"])
@@ -276,7 +304,7 @@ class SGD(Optimizer):
             else:
                 ops.sgd_update_(b["params"], b["grads"], b["buffers"], *common)
         for p, work in staged:
-            p.copy_(work)
+            _local(p).copy_(work)
         if rounding_seed is not None and buckets:
             rounding_seed.add_(1)  # fresh noise next step
         if created and found_inf is not None and not torch.compiler.is_compiling() and bool(found_inf):
