@@ -57,8 +57,9 @@ def convert_state_dict(optimizer, state_dict: dict[str, Any]) -> tuple[list[dict
         if not isinstance(g, dict):
             raise StateDictError(f"param group {i} must be a dict, got {type(g).__name__}")
         ids = g.get("params")
-        if not isinstance(ids, (list, tuple)) or not all(isinstance(x, int) and not isinstance(x, bool) for x in ids):
-            raise StateDictError(f"param group {i} needs 'params': a list of int param ids, got {ids!r:.80}")
+        # ints from Optimizer.state_dict(); fully-qualified names from torch.distributed.checkpoint
+        if not isinstance(ids, (list, tuple)) or not all(_is_param_id(x) for x in ids):
+            raise StateDictError(f"param group {i} needs 'params': a list of param ids (ints or names), got {ids!r:.80}")
     saved_ids = list(chain.from_iterable(g["params"] for g in saved_groups))
     if len(set(saved_ids)) != len(saved_ids):
         raise StateDictError("a param id appears more than once in 'param_groups'")
@@ -82,7 +83,7 @@ def convert_state_dict(optimizer, state_dict: dict[str, Any]) -> tuple[list[dict
     id_to_param = dict(zip(saved_ids, chain.from_iterable(g["params"] for g in groups)))
     id_to_group = {pid: new_groups[gi] for gi, g in enumerate(saved_groups) for pid in g["params"]}
     id_to_index = {pid: idx for idx, pid in enumerate(saved_ids)}
-    unknown = [k for k in state_dict["state"] if not isinstance(k, int) or k not in id_to_param]
+    unknown = [k for k in state_dict["state"] if not _is_param_id(k) or k not in id_to_param]
     if unknown:
         raise StateDictError(f"state dict has state for unknown param ids {unknown[:5]}")
 
@@ -142,6 +143,10 @@ def _unwrap(saved_state: dict, where: str) -> dict:
     return {k: v for k, v in flat.items() if k not in _BNB_IGNORABLE_KEYS}
 
 
+def _is_param_id(x: Any) -> bool:
+    return isinstance(x, str) or (isinstance(x, int) and not isinstance(x, bool))
+
+
 def _names(keys) -> list:
     return sorted(keys, key=repr)  # keys of any type, ordered for stable messages
 
@@ -170,7 +175,7 @@ def _read_step(value: Any, where: str) -> Tensor:
     return torch.tensor(float(value), dtype=torch.float32)
 
 
-def _read_momentum(flat: dict, param: Tensor, where: str) -> tuple[str, Any]:
+def _read_momentum(optimizer, flat: dict, param: Tensor, where: str) -> tuple[str, Any]:
     """Returns ("none", None), ("full", buffer tensor) or ("8bit", (codes, absmax, qmap, step))."""
     keys = set(flat)
     if not keys or keys == {"step"}:
@@ -194,8 +199,13 @@ def _read_momentum(flat: dict, param: Tensor, where: str) -> tuple[str, Any]:
         extra = keys - {"state1", "absmax1", "qmap1", "step"}
         if extra:
             raise StateDictError(f"{where}: unexpected keys {_names(extra)} in 8-bit state")
-        absmax = _check_tensor(flat["absmax1"], where, "absmax1", shape=(ops.num_blocks(param.numel()),),
-                               dtype=torch.float32)
+        absmax = _check_tensor(flat["absmax1"], where, "absmax1", dtype=torch.float32)
+        valid = {(ops.num_blocks(param.numel()),)}  # flat blocks; rows of blocks from sharded (FSDP2) runs:
+        if param.dim() >= 2 and param.shape[0] > 0 and (param.numel() // param.shape[0]) % 256 == 0:
+            valid.add((param.shape[0], param.numel() // param.shape[0] // 256))
+        if tuple(absmax.shape) not in valid:
+            raise StateDictError(f"{where}: 'absmax1' has shape {tuple(absmax.shape)}, expected "
+                                 f"{optimizer._absmax_shape(param)} (one per 256-element block)")
         qmap = _check_tensor(flat["qmap1"], where, "qmap1", shape=(256,), dtype=torch.float32)
         if not bool((qmap[1:] > qmap[:-1]).all()):
             raise StateDictError(f"{where}: 'qmap1' must be strictly increasing")
@@ -208,7 +218,7 @@ def _read_momentum(flat: dict, param: Tensor, where: str) -> tuple[str, Any]:
 
 def _convert_param_state(optimizer, saved_state: Any, param: Tensor, group: dict, where: str) -> dict:
     flat = _unwrap(saved_state, where)
-    kind, value = _read_momentum(flat, param, where)
+    kind, value = _read_momentum(optimizer, flat, param, where)
     if kind == "none" or not optimizer._uses_momentum(group["momentum"]):
         return {}
     want_8bit = optimizer._wants_8bit(param, group)
@@ -224,10 +234,13 @@ def _convert_param_state(optimizer, saved_state: Any, param: Tensor, group: dict
     ours = optimizer._qmap(param.device)
     same_codebook = torch.equal(qmap.to(param.device), ours)
     if want_8bit and same_codebook:
-        return _8bit_state(optimizer, param, codes.clone(), absmax.clone(), step)
+        absmax = absmax.clone()
+        if tuple(absmax.shape) != optimizer._absmax_shape(param):  # flat <-> (rows, blocks per row)
+            absmax = absmax.reshape(optimizer._absmax_shape(param))
+        return _8bit_state(optimizer, param, codes.clone(), absmax, step)
     # decode with the saved codebook: qmap[code] * absmax[block]
     blocks = torch.arange(codes.numel(), device=param.device) // 256
-    values = (qmap.to(param.device)[codes.reshape(-1).long()] * absmax[blocks]).reshape(param.shape)
+    values = (qmap.to(param.device)[codes.reshape(-1).long()] * absmax.reshape(-1)[blocks]).reshape(param.shape)
     if not want_8bit:
         return {"momentum_buffer": values.to(param.dtype)}
     codes, absmax = ops.quantize_blockwise(values)

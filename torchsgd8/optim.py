@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _state, ops
-from .quantization import ZERO_CODE, signed_dynamic_map
+from .quantization import BLOCK_SIZE, ZERO_CODE, signed_dynamic_map
 
 __all__ = ["SGD", "SGD8bit", "SGD32bit"]
 
@@ -103,13 +103,28 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _like_param(p: Tensor, local: Tensor) -> Tensor:
+def _like_param(p: Tensor, local: Tensor, shape: Optional[tuple[int, ...]] = None) -> Tensor:
     """State for `p` from this rank's `local` part: a DTensor with p's mesh and placements when p is one, so
-    torch.distributed.checkpoint sees state sharded exactly like its param."""
+    torch.distributed.checkpoint sees state sharded exactly like its param (global `shape`: p's)."""
     if isinstance(p, DTensor):
-        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                                  stride=p.stride())
+        shape = tuple(p.shape) if shape is None else tuple(shape)
+        stride = tuple(int(torch.Size(shape)[i + 1:].numel()) for i in range(len(shape)))
+        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=shape, stride=stride)
     return local
+
+
+def _row_blocks(p: Tensor) -> Optional[int]:
+    """Blocks per row for 8-bit state of a sharded param, or None where 8-bit state cannot be sharded.
+
+    Shards split dim 0, so absmax blocks must not straddle rows: with rows that are whole multiples of
+    256 elements the flat 256-element blocks are row blocks, absmax is stored as (rows, blocks per row)
+    and shards with the param along dim 0 at any world size (so DCP reshards it exactly). Other sharded
+    params keep full-precision momentum.
+    """
+    if p.dim() < 2 or p.shape[0] == 0 or any(not pl.is_shard(0) and not pl.is_replicate() for pl in p.placements):
+        return None
+    row = p.numel() // p.shape[0]
+    return row // BLOCK_SIZE if row % BLOCK_SIZE == 0 else None
 
 
 def _check_grad(p: Tensor, grad: Tensor, where: str) -> None:
@@ -193,14 +208,8 @@ class SGD(Optimizer):
             if len({id(p) for p in group["params"]}) != len(group["params"]):
                 # torch only warns; updating one tensor twice in one fused call would race between threads
                 raise ValueError("torchsgd8: duplicate parameters in a param group (a tensor appears twice)")
-            if any(isinstance(p, DTensor) and self._wants_8bit(p, group) for p in group["params"]):
-                raise NotImplementedError(
-                    "torchsgd8: 8-bit state for sharded (FSDP2 / DTensor) params is not implemented yet: the "
-                    "absmax blocks of a shard do not line up with the shards of other world sizes. Use "
-                    "SGD32bit, or a min_8bit_size above the sizes of the sharded params."
-                )
             _validate_group(group)
-        except (ValueError, TypeError, NotImplementedError):
+        except (ValueError, TypeError):
             self.param_groups.pop()  # a rejected group must not stay in the optimizer
             raise
         _ensure_rounding_seed(group)
@@ -220,16 +229,27 @@ class SGD(Optimizer):
 
     @staticmethod
     def _wants_8bit(p: Tensor, group: dict) -> bool:
-        return group["optim_bits"] == 8 and p.dtype in _8BIT_DTYPES and p.numel() >= group["min_8bit_size"]
+        if not (group["optim_bits"] == 8 and p.dtype in _8BIT_DTYPES and p.numel() >= group["min_8bit_size"]):
+            return False
+        return not isinstance(p, DTensor) or _row_blocks(p) is not None
+
+    @staticmethod
+    def _absmax_shape(p: Tensor) -> tuple[int, ...]:
+        """(blocks,) for a plain param; (rows, blocks per row) for a sharded one (see _row_blocks)."""
+        if isinstance(p, DTensor):
+            return (p.shape[0], _row_blocks(p))
+        return (ops.num_blocks(p.numel()),)
 
     def _init_state(self, p: Tensor, group: dict, state: dict) -> None:
+        local = _local(p)
         if self._wants_8bit(p, group):
             state["step"] = torch.zeros((), dtype=torch.float32)
-            state["state1"] = torch.full(p.shape, ZERO_CODE, dtype=torch.uint8, device=p.device)
-            state["absmax1"] = torch.zeros(ops.num_blocks(p.numel()), dtype=torch.float32, device=p.device)
-            state["qmap1"] = self._qmap(p.device)
+            state["state1"] = _like_param(p, torch.full(local.shape, ZERO_CODE, dtype=torch.uint8, device=local.device))
+            shape = self._absmax_shape(p)
+            local_shape = (local.shape[0], shape[1]) if isinstance(p, DTensor) else shape
+            state["absmax1"] = _like_param(p, torch.zeros(local_shape, dtype=torch.float32, device=local.device), shape)
+            state["qmap1"] = self._qmap(local.device)
         else:
-            local = _local(p)
             state["momentum_buffer"] = _like_param(p, torch.zeros(local.shape, dtype=local.dtype, device=local.device))
 
     # ---- step --------------------------------------------------------------------------------------
@@ -284,8 +304,8 @@ class SGD(Optimizer):
             if kind == "fp32":
                 bucket["buffers"].append(_local(state["momentum_buffer"]))
             elif kind == "8bit":
-                bucket["codes"].append(state["state1"])
-                bucket["absmax"].append(state["absmax1"])
+                bucket["codes"].append(_local(state["state1"]))
+                bucket["absmax"].append(_local(state["absmax1"]).view(-1))
                 bucket["steps"].append(state["step"])
 
         lr = _as_tensor(group["lr"])
