@@ -127,6 +127,13 @@ def _row_blocks(p: Tensor) -> Optional[int]:
     return row // BLOCK_SIZE if row % BLOCK_SIZE == 0 else None
 
 
+def _uses_momentum(momentum: float | Tensor) -> bool:
+    """Whether params of a group get a momentum buffer. A tensor momentum is meant to be scheduled, so it
+    always gets one: reading its value here would break a compiled graph (and sync a device). The kernel
+    reads the value, and while it is 0 updates like torch without momentum, leaving the buffer alone."""
+    return isinstance(momentum, Tensor) or momentum != 0
+
+
 def _check_grad(p: Tensor, grad: Tensor, where: str) -> None:
     if grad.is_sparse or grad.layout != torch.strided:
         raise RuntimeError(f"torchsgd8: the grad of {where} is sparse; sparse gradients are not supported "
@@ -225,7 +232,7 @@ class SGD(Optimizer):
         return self._qmaps[device]
 
     _validate_group = staticmethod(_validate_group)
-    _uses_momentum = staticmethod(lambda momentum: _uses_momentum(momentum))
+    _uses_momentum = staticmethod(_uses_momentum)
 
     @staticmethod
     def _wants_8bit(p: Tensor, group: dict) -> bool:
@@ -387,13 +394,6 @@ class SGD(Optimizer):
 
 def _new_bucket() -> dict[str, list]:
     return {"params": [], "grads": [], "buffers": [], "codes": [], "absmax": [], "steps": []}
-
-
-def _uses_momentum(momentum: float | Tensor) -> bool:
-    """A tensor momentum is meant to be scheduled, so it always keeps a buffer: reading its value here
-    would break a compiled graph (and sync a device). With a zero tensor momentum and zero dampening the
-    result equals torch's no-momentum update exactly (buf = 0 * buf + grad = grad)."""
-    return isinstance(momentum, Tensor) or momentum != 0
 
 
 class SGD8bit(SGD):
