@@ -160,6 +160,17 @@ void update_range(T* param, const T* grad, B* buf, int64_t n, const SgdHyper<acc
   }
 }
 
+// NaN-propagating max over the lanes of a running vector max of |v|.
+inline float reduce_absmax(const Vectorized<float>& running) {
+  float lanes[Vectorized<float>::size()];
+  running.store(lanes);
+  float result = 0.0f;
+  for (float lane : lanes) {
+    result = absmax_accumulate(result, lane);
+  }
+  return result;
+}
+
 // NaN-propagating max |v| of a float block.
 inline float block_absmax(const float* v, int64_t n) {
   using Vec = Vectorized<float>;
@@ -168,12 +179,7 @@ inline float block_absmax(const float* v, int64_t n) {
   for (; i + Vec::size() <= n; i += Vec::size()) {
     running = at::vec::maximum(running, Vec::loadu(v + i).abs());  // maximum propagates NaN
   }
-  float lanes[Vec::size()];
-  running.store(lanes);
-  float result = 0.0f;
-  for (float lane : lanes) {
-    result = absmax_accumulate(result, lane);
-  }
+  float result = reduce_absmax(running);
   for (; i < n; ++i) {
     result = absmax_accumulate(result, v[i]);
   }
@@ -314,12 +320,7 @@ void update_block_8bit(T* param, const T* grad, uint8_t* code, float* absmax, in
     }
     store_parts(param + i, p);
   }
-  float lanes[Vectorized<float>::size()];
-  running.store(lanes);
-  float new_absmax = 0.0f;
-  for (float lane : lanes) {
-    new_absmax = absmax_accumulate(new_absmax, lane);
-  }
+  float new_absmax = reduce_absmax(running);
   for (; i < n; ++i) {
     float b = h.first_step ? 0.0f : dequantize_value(code[i], old_absmax);
     param[i] = static_cast<T>(sgd_rule(static_cast<float>(param[i]), static_cast<float>(grad[i]), b, h));
