@@ -5,16 +5,13 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "quant.h"
 #include "sgd_rule.h"
 
 namespace torchsgd8 {
-
-inline int64_t num_blocks(int64_t numel) {
-  return (numel + kBlockSize - 1) / kBlockSize;
-}
 
 inline bool is_supported_param_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
@@ -79,23 +76,48 @@ inline void check_same_layout(at::TensorList params, at::TensorList state, const
   }
 }
 
-inline void check_codes_and_absmax(at::TensorList params, at::TensorList codes, at::TensorList absmax) {
+// The blocks `absmax` describes for codes (or values) of shape `sizes`: a vector of ceil(numel / 256)
+// entries is the flat layout; for 2+ dims, a (sizes[0], ceil(row / 256)) matrix, row = prod(sizes[1:]),
+// is the per-row layout. `index` names the list entry in messages (-1: a single tensor).
+inline BlockLayout absmax_layout(at::IntArrayRef sizes, const at::Tensor& absmax, int64_t index) {
+  const int64_t numel = c10::multiply_integers(sizes);
+  if (absmax.dim() == 1 && absmax.size(0) == num_blocks(numel)) {
+    return BlockLayout::rows_of(numel);
+  }
+  const bool has_rows = sizes.size() >= 2;
+  const int64_t row_length = has_rows ? c10::multiply_integers(sizes.slice(1)) : numel;
+  TORCH_CHECK(has_rows && absmax.dim() == 2 && absmax.size(0) == sizes[0] && absmax.size(1) == num_blocks(row_length),
+              "torchsgd8: absmax", (index < 0 ? std::string() : "[" + std::to_string(index) + "]"),
+              " must hold one float32 per 256-element block of its ", numel, " codes (shape ", sizes,
+              "): shape [", num_blocks(numel), "] (flat)",
+              (has_rows ? " or [" + std::to_string(sizes[0]) + ", " + std::to_string(num_blocks(row_length)) +
+                              "] (blocks within each row of dim 0)"
+                        : std::string()),
+              "; got shape ", absmax.sizes());
+  return BlockLayout::rows_of(row_length);
+}
+
+// Checks codes and absmax against their params; returns each param's block layout.
+inline std::vector<BlockLayout> check_codes_and_absmax(at::TensorList params, at::TensorList codes,
+                                                       at::TensorList absmax) {
   check_same_layout(params, codes, "codes", /*same_dtype=*/false);
   TORCH_CHECK(absmax.size() == params.size(), "torchsgd8: got ", params.size(), " params but ",
               absmax.size(), " absmax");
+  std::vector<BlockLayout> layouts;
+  layouts.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK(codes[i].scalar_type() == at::kByte, "torchsgd8: codes[", i, "] must be uint8, got ",
                 codes[i].scalar_type());
     const at::ScalarType t = params[i].scalar_type();
     TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf,
                 "torchsgd8: 8-bit state is for float32/bfloat16/float16 params; param ", i, " is ", t);
-    TORCH_CHECK(absmax[i].scalar_type() == at::kFloat && absmax[i].dim() == 1 &&
-                    absmax[i].numel() == num_blocks(params[i].numel()) && absmax[i].is_contiguous() &&
+    TORCH_CHECK(absmax[i].scalar_type() == at::kFloat && absmax[i].is_contiguous() &&
                     absmax[i].device() == params[i].device(),
-                "torchsgd8: absmax[", i, "] must be a contiguous float32 vector of ",
-                num_blocks(params[i].numel()), " blocks on ", params[i].device(), "; got ",
-                absmax[i].scalar_type(), absmax[i].sizes(), " on ", absmax[i].device());
+                "torchsgd8: absmax[", i, "] must be a contiguous float32 tensor on ", params[i].device(),
+                "; got ", absmax[i].scalar_type(), " on ", absmax[i].device());
+    layouts.push_back(absmax_layout(params[i].sizes(), absmax[i], static_cast<int64_t>(i)));
   }
+  return layouts;
 }
 
 // Reads the hyperparameters once per call. Returns false when found_inf says to skip the step.

@@ -51,14 +51,16 @@ TORCH_LIBRARY(torchsgd8, m) {
       "sgd_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor lr, "
       "Tensor momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
       "bool first_step, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? rounding_seed=None) -> ()");
-  // 8-bit momentum: per param, uint8 codes (param's shape) and float32 absmax (one per 256-element
-  // block). Dequantize, update, requantize each block in one pass.
+  // 8-bit momentum: per param, uint8 codes (param's shape) and float32 absmax, one per 256-element
+  // block: a vector for the flat layout, a (rows, blocks per row) matrix for blocks within each index of
+  // dim 0 (quant.h, BlockLayout). Dequantize, update, requantize each block in one pass.
   m.def(
       "sgd8bit_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] codes, Tensor(c!)[] absmax, "
       "Tensor lr, Tensor momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
       "bool first_step, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? rounding_seed=None) -> ()");
-  // values -> (uint8 codes of values' shape, float32 absmax[ceil(numel / 256)])
-  m.def("quantize_blockwise(Tensor values) -> (Tensor codes, Tensor absmax)");
-  // (codes, absmax) -> values of dtype `dtype` and codes' shape
+  // values -> (uint8 codes of values' shape, float32 absmax): absmax[ceil(numel / 256)], or with
+  // per_row absmax[size(0), ceil(row / 256)] with blocks restarting at each index of dim 0
+  m.def("quantize_blockwise(Tensor values, bool per_row=False) -> (Tensor codes, Tensor absmax)");
+  // (codes, absmax) -> values of dtype `dtype` and codes' shape; absmax's shape gives the layout
   m.def("dequantize_blockwise(Tensor codes, Tensor absmax, ScalarType dtype) -> Tensor");
 }

@@ -1,8 +1,8 @@
 // 8-bit blockwise quantization shared by every kernel: bitsandbytes' signed dynamic map and the exact
 // nearest-code rule for one value.
 //
-// A tensor is quantized in blocks of kBlockSize consecutive elements of its flattened (row-major) form;
-// each block stores absmax = max |v| (float32) and one uint8 code per element, meaning
+// A tensor is quantized in blocks of kBlockSize consecutive elements (see BlockLayout for where blocks
+// start); each block stores absmax = max |v| (float32) and one uint8 code per element, meaning
 // v ~= kSignedDynamicMap[code] * absmax. Codes are the nearest map entry to v / absmax (IEEE division),
 // ties to the entry of smaller magnitude (tests compare against a brute-force argmin). A block whose
 // absmax is 0 holds only zeros and gets the code of 0.0, so no 0/0 ever happens.
@@ -21,6 +21,31 @@ namespace torchsgd8 {
 
 constexpr int64_t kBlockSize = 256;
 constexpr uint8_t kZeroCode = 127;  // kSignedDynamicMap[127] == 0.0f
+
+TORCHSGD8_HOST_DEVICE int64_t num_blocks(int64_t numel) {
+  return (numel + kBlockSize - 1) / kBlockSize;
+}
+
+// Where a tensor's blocks lie. Elements (row-major) form rows of row_length; each row is cut into
+// kBlockSize-element blocks, its last block possibly shorter, and blocks are numbered row by row (the
+// index of a block's absmax). "Flat" is one row of all elements (bitsandbytes' layout). "Per row" takes
+// the rows of dim 0: blocks then never straddle two indices of dim 0, so state shards along dim 0
+// exactly like its param (FSDP2) whatever the world size.
+struct BlockLayout {
+  int64_t row_length = 0;
+  int64_t blocks_per_row = 0;
+
+  static TORCHSGD8_HOST_DEVICE BlockLayout rows_of(int64_t row_length) {
+    return {row_length, num_blocks(row_length)};
+  }
+  TORCHSGD8_HOST_DEVICE int64_t start(int64_t block) const {
+    return (block / blocks_per_row) * row_length + (block % blocks_per_row) * kBlockSize;
+  }
+  TORCHSGD8_HOST_DEVICE int64_t size(int64_t block) const {
+    const int64_t rest = row_length - (block % blocks_per_row) * kBlockSize;
+    return rest < kBlockSize ? rest : kBlockSize;
+  }
+};
 
 // clang-format off
 inline constexpr float kSignedDynamicMap[256] = {

@@ -26,9 +26,9 @@ resume with 1: ``--resume`` skips phase 1 and starts from the checkpoint in ``--
 
 The optimizer step updates each rank's local shard with torchsgd8's fused op (no all-gather); the
 optimizer state is DTensors sharded like the params, so DCP saves and reshards it. With ``--optimizer
-sgd8bit``, params of at least ``--min-8bit-size`` elements get 8-bit momentum where their rows are whole
-multiples of 256 elements (the (256, 256) weight here: quantization blocks then never straddle shards);
-other sharded params keep fp32 momentum. The script prints which state each param got.
+sgd8bit``, params of at least ``--min-8bit-size`` elements get 8-bit momentum where they have 2+ dims
+and rows of at least 128 elements (blocked per row, so quantization blocks never straddle shards); other
+sharded params (biases) keep fp32 momentum. The script prints which state each param got.
 """
 from __future__ import annotations
 

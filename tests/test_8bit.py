@@ -20,7 +20,8 @@ import torch
 
 import torchsgd8
 from torchsgd8 import ops
-from torchsgd8.quantization import BLOCK_SIZE, ZERO_CODE, nearest_code_reference, signed_dynamic_map
+from torchsgd8.quantization import (BLOCK_SIZE, ZERO_CODE, absmax_per_element, nearest_code_reference,
+                                    signed_dynamic_map)
 
 QMAP = signed_dynamic_map()
 QMAP64 = QMAP.to(torch.float64)
@@ -39,10 +40,6 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({4: torch.int32, 2: torch.int16, 8: torch.int64}[t.element_size()])
 
 
-def per_element(absmax: torch.Tensor, numel: int) -> torch.Tensor:
-    return absmax.repeat_interleave(BLOCK_SIZE)[:numel]
-
-
 def dequantized(state: dict, shape) -> torch.Tensor:
     return ops.dequantize_blockwise(state["state1"], state["absmax1"], torch.float32).reshape(shape)
 
@@ -52,7 +49,7 @@ def grads_for(shape, steps: int, gen: torch.Generator) -> list[torch.Tensor]:
     and the overall scale drifts over the run."""
     numel = torch.Size(shape).numel()
     block_scale = 10.0 ** (torch.rand((numel + BLOCK_SIZE - 1) // BLOCK_SIZE, generator=gen) * 2 - 1)
-    scale = per_element(block_scale, numel).reshape(shape)
+    scale = absmax_per_element(block_scale, shape)
     return [torch.randn(shape, generator=gen) * scale * (1 + 0.5 * torch.rand((), generator=gen))
             for _ in range(steps)]
 
@@ -122,7 +119,7 @@ def test_8bit_trajectory_stays_within_derived_bound_of_fp32(shape, config, gen):
         direction = (d + m * b_ref) if nesterov else b_ref
         P = P + lr * ((w * P + m * E) if nesterov else E)
         P = P + 4 * U32 * (pr.detach().to(torch.float64).abs() + lr * direction.abs())
-        A = per_element(opt8.state[p8]["absmax1"], p0.numel()).reshape(shape).to(torch.float64)
+        A = absmax_per_element(opt8.state[p8]["absmax1"], shape).to(torch.float64)
         S = E + STORE_REL * A
         param_err = (p8.detach().to(torch.float64) - pr.detach().to(torch.float64)).abs()
         buf_err = (dequantized(opt8.state[p8], shape).to(torch.float64) - b_ref).abs()
@@ -158,15 +155,15 @@ def test_8bit_trajectory_differs_from_fp32_by_small_relative_amount(gen):
 
 
 def reference_8bit_step(param, grad, codes, absmax, *, lr, momentum, dampening, weight_decay, nesterov,
-                        maximize):
+                        maximize, per_row):
     """dequantize -> torch.optim.SGD's rule in float32 -> absmax -> nearest code (brute force).
 
     Written with the same torch ops torch.optim.SGD uses (add with alpha is one fused multiply-add in ATen's
-    CPU kernels, mul then add for the buffer), so the result is expected bit for bit.
-    Returns (new param in the param's dtype, codes, absmax).
+    CPU kernels, mul then add for the buffer), so the result is expected bit for bit. Blocks are 256
+    elements of the flattened tensor, or with per_row of each index of dim 0 (the last block of each row
+    shorter). Returns (new param in the param's dtype, codes, absmax).
     """
-    n = param.numel()
-    block = torch.arange(n) // BLOCK_SIZE
+    shape = param.shape
     p = param.detach().reshape(-1).to(torch.float32)
     d = grad.reshape(-1).to(torch.float32)
     if maximize:
@@ -176,17 +173,21 @@ def reference_8bit_step(param, grad, codes, absmax, *, lr, momentum, dampening, 
     if codes is None:  # first step: the buffer is d itself
         buf = d.clone()
     else:
-        buf = QMAP[codes.reshape(-1).long()] * absmax[block]
+        buf = QMAP[codes.reshape(-1).long()] * absmax_per_element(absmax, shape).reshape(-1)
         buf = buf.mul(momentum).add_(d, alpha=1 - dampening)
     direction = d.add(buf, alpha=momentum) if nesterov else buf
-    new_param = p.add(direction, alpha=-lr).to(param.dtype).reshape(param.shape)
-    nblocks = (n + BLOCK_SIZE - 1) // BLOCK_SIZE
-    padded = torch.zeros(nblocks * BLOCK_SIZE)
-    padded[:n] = buf.abs()
-    new_absmax = padded.reshape(nblocks, BLOCK_SIZE).amax(dim=1)
-    new_codes = nearest_code_reference(buf / new_absmax[block], QMAP)
-    new_codes[new_absmax[block] == 0] = ZERO_CODE
-    return new_param, new_codes.reshape(param.shape), new_absmax
+    new_param = p.add(direction, alpha=-lr).to(param.dtype).reshape(shape)
+    rows = buf.abs().reshape(shape[0] if per_row else 1, -1)
+    blocks_per_row = (rows.shape[1] + BLOCK_SIZE - 1) // BLOCK_SIZE
+    padded = torch.zeros(rows.shape[0], blocks_per_row * BLOCK_SIZE)
+    padded[:, :rows.shape[1]] = rows
+    new_absmax = padded.reshape(rows.shape[0], blocks_per_row, BLOCK_SIZE).amax(dim=2)
+    if not per_row:
+        new_absmax = new_absmax.reshape(-1)
+    scale = absmax_per_element(new_absmax, shape).reshape(-1)
+    new_codes = nearest_code_reference(buf / scale, QMAP)
+    new_codes[scale == 0] = ZERO_CODE
+    return new_param, new_codes.reshape(shape), new_absmax
 
 
 STEP_CONFIGS = [
@@ -198,7 +199,9 @@ STEP_CONFIGS = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("cfg", STEP_CONFIGS, ids=["plain", "nesterov_wd", "damp_wd_max"])
-@pytest.mark.parametrize("shape", [(20, 257), (4097,)], ids=str)
+# (20, 257), (16, 5, 60): per-row blocks (rows of 257 and 300 elements, a partial block ending each row);
+# (4097,), (50, 100): flat blocks (1-D; rows shorter than MIN_ROW_LENGTH)
+@pytest.mark.parametrize("shape", [(20, 257), (16, 5, 60), (4097,), (50, 100)], ids=str)
 def test_8bit_step_matches_pure_pytorch_reference_bitwise(shape, cfg, dtype, gen):
     p = torch.nn.Parameter(torch.randn(shape, generator=gen).to(dtype))
     opt = torchsgd8.SGD8bit([p], **cfg)
@@ -209,7 +212,8 @@ def test_8bit_step_matches_pure_pytorch_reference_bitwise(shape, cfg, dtype, gen
         state = opt.state[p]
         codes = state["state1"].clone() if state else None
         absmax = state["absmax1"].clone() if state else None
-        want_p, want_codes, want_absmax = reference_8bit_step(p, g, codes, absmax, **cfg)
+        want_p, want_codes, want_absmax = reference_8bit_step(p, g, codes, absmax, **cfg,
+                                                              per_row=shape in ((20, 257), (16, 5, 60)))
         p.grad = g
         opt.step()
         state = opt.state[p]
@@ -266,7 +270,14 @@ def test_bf16_params_with_8bit_state_train(gen):
 # state layout
 
 
-@pytest.mark.parametrize("shape", [(4096,), (4097,), (64, 257), (3, 5, 300), (10000,)], ids=str)
+# shape -> absmax1's shape: flat blocks for 1-D params and rows under 128 elements, else per row
+ABSMAX_SHAPES = {
+    (4096,): (16,), (4097,): (17,), (10000,): (40,), (64, 257): (64, 2), (3, 5, 300): (3, 6),
+    (40, 128): (40, 1), (50, 127): (25,), (40, 64, 2): (40, 1), (4096, 1): (16,), (8, 1024): (8, 4),
+}
+
+
+@pytest.mark.parametrize("shape", list(ABSMAX_SHAPES), ids=str)
 def test_8bit_state_keys_dtypes_shapes(shape, gen):
     p = torch.nn.Parameter(torch.randn(shape, generator=gen))
     opt = torchsgd8.SGD8bit([p], lr=0.1, momentum=0.9)
@@ -280,7 +291,7 @@ def test_8bit_state_keys_dtypes_shapes(shape, gen):
         assert state["step"].item() == k + 1
         assert state["state1"].dtype == torch.uint8 and state["state1"].shape == p.shape
         assert state["absmax1"].dtype == torch.float32
-        assert state["absmax1"].shape == ((p.numel() + BLOCK_SIZE - 1) // BLOCK_SIZE,)
+        assert state["absmax1"].shape == ABSMAX_SHAPES[shape]
         assert state["qmap1"].dtype == torch.float32 and torch.equal(state["qmap1"], QMAP)
 
 
@@ -534,7 +545,7 @@ def test_state_dict_round_trip_through_torch_save_continues_bit_identically(gen)
     first_opt = _make_opt(first)
     _run(first_opt, first, grads[:15])
     sd = first_opt.state_dict()
-    assert sd["torchsgd8_format_version"] == 1
+    assert sd["torchsgd8_format_version"] == 2
     assert set(sd["state"][0]) == {"step", "state1", "absmax1", "qmap1"}
     assert set(sd["state"][2]) == {"momentum_buffer"}
     buffer = io.BytesIO()

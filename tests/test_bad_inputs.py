@@ -562,7 +562,7 @@ STATE_DICT_CASES = {
     "one group too few": (lambda sd: sd["param_groups"].pop(), "state dict has 1 param groups, the optimizer has 2"),
     "state for unknown id": (_set(["state", 42], {"momentum_buffer": torch.zeros(5)}), r"unknown param ids \[42\]"),
     # format version
-    "format version 2": (_set([FORMAT_KEY], 2), "format version 2; this torchsgd8 reads version 1"),
+    "format version 3": (_set([FORMAT_KEY], 3), "format version 3; this torchsgd8 reads versions 1, 2"),
     "format version 0": (_set([FORMAT_KEY], 0), "format version 0"),
     "format version '1'": (_set([FORMAT_KEY], "1"), "format version '1'"),
     # codebook and absmax
@@ -575,7 +575,7 @@ STATE_DICT_CASES = {
     "absmax1 too short": (_set(["state", 0, "absmax1"], lambda t: t[:1]),
                           r"'absmax1' has shape \(1,\), expected \(2,\)"),
     "absmax1 too long": (_set(["state", 2, "absmax1"], lambda t: torch.cat([t, t])),
-                         r"param 2 .*'absmax1' has shape \(4,\), expected \(2,\)"),
+                         r"param 2 .*'absmax1' has shape \(4, 1\), expected \(2, 1\)"),
     "absmax1 2-D": (_set(["state", 0, "absmax1"], lambda t: t.reshape(1, 2)), r"'absmax1' has shape \(1, 2\)"),
     # garbage values
     "step negative": (_set(["state", 0, "step"], -3), "'step' must be a number >= 0"),

@@ -104,7 +104,8 @@ def test_dynamic_shapes(optim_bits):
 
 def test_fake_kernels_give_symbolic_shapes():
     """The absmax length is computed from a symbolic numel: ceil(numel / 256)."""
-    gm = torch.fx.experimental.proxy_tensor.make_fx(ops.quantize_blockwise, tracing_mode="symbolic")(torch.randn(1000))
+    gm = torch.fx.experimental.proxy_tensor.make_fx(lambda v: ops.quantize_blockwise(v), tracing_mode="symbolic")(
+        torch.randn(1000))
     codes_node, absmax_node = [n for n in gm.graph.nodes if n.op == "call_function" and "getitem" in str(n.target)]
     numel = codes_node.meta["val"].numel()
     (blocks,) = absmax_node.meta["val"].shape
@@ -112,6 +113,19 @@ def test_fake_kernels_give_symbolic_shapes():
     (size,) = numel.node.expr.free_symbols
     for n in (1, 255, 256, 257, 1000, 2**31 + 300):
         assert int(blocks.node.expr.subs(size, n)) == (int(numel.node.expr.subs(size, n)) + 255) // 256
+
+
+def test_fake_kernels_give_symbolic_per_row_shapes():
+    """per_row: absmax is (rows, ceil(row / 256)) in the symbolic sizes."""
+    gm = torch.fx.experimental.proxy_tensor.make_fx(lambda v: ops.quantize_blockwise(v, per_row=True),
+                                                    tracing_mode="symbolic")(torch.randn(10, 300))
+    codes_node, absmax_node = [n for n in gm.graph.nodes if n.op == "call_function" and "getitem" in str(n.target)]
+    rows, cols = codes_node.meta["val"].shape
+    absmax_rows, blocks = absmax_node.meta["val"].shape
+    assert isinstance(blocks, torch.SymInt) and absmax_rows.node.expr == rows.node.expr
+    (col_symbol,) = cols.node.expr.free_symbols
+    for n in (1, 255, 256, 257, 300, 2**31 + 300):
+        assert int(blocks.node.expr.subs(col_symbol, n)) == (n + 255) // 256
 
 
 @pytest.mark.parametrize("compile_first", [True, False], ids=["compile-then-scheduler", "scheduler-then-compile"])

@@ -1,9 +1,11 @@
 """8-bit optimizer state under FSDP2 through torch.distributed.checkpoint, across world sizes.
 
-A sharded param whose rows are whole 256-element blocks keeps 8-bit state, with absmax stored as
-(rows, blocks per row) and sharded along dim 0 like the param, so a checkpoint saved at one world size
-loads exactly at another. Each run is a small script started with torchrun (--standalone picks a free
-port); results come back through files in tmp_path.
+8-bit state of a param with rows of >= 128 elements is blocked per row, with absmax stored as (rows,
+blocks per row): it shards along dim 0 like the param, so a checkpoint saved at one world size - or by
+a plain, unsharded run - loads exactly at another. The weight here has rows of 300 elements (a 256-block
+and a 44-element block per row), so blocks of the flat layout would straddle rows and shards. Each run
+is a small script started with torchrun (--standalone picks a free port); results come back through
+files in tmp_path.
 """
 import subprocess
 import sys
@@ -29,35 +31,41 @@ SCRIPT = textwrap.dedent('''
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    # weights (40, 256) and (4, 40): the first has 256-element rows (8-bit state), the second is small
-    model = torch.nn.Sequential(torch.nn.Linear(256, 40), torch.nn.ReLU(), torch.nn.Linear(40, 4))
-    mesh = init_device_mesh("cpu", (world,))
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    # weights (40, 300) and (4, 40): the first has 300-element rows (8-bit state), the second is small
+    model = torch.nn.Sequential(torch.nn.Linear(300, 40), torch.nn.ReLU(), torch.nn.Linear(40, 4))
+    sharded = mode != "save-unsharded"
+    if sharded:
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     opt = torchsgd8.SGD8bit(model.parameters(), lr=0.05, momentum=0.9, min_8bit_size=1000)
 
     def train(steps):
         for step in steps:
             g = torch.Generator().manual_seed(100 + step)
-            x, y = torch.randn(8, 256, generator=g), torch.randn(8, 4, generator=g)
+            x, y = torch.randn(8, 300, generator=g), torch.randn(8, 4, generator=g)
             loss = torch.nn.functional.mse_loss(model(x.chunk(world)[rank]), y.chunk(world)[rank])
             loss.backward()
             opt.step()
             opt.zero_grad()
 
+    def full(t):
+        return (t.full_tensor() if sharded else t).clone()
+
     def state_of_first_weight():
         st = opt.state[model[0].weight]
-        return {k: st[k].full_tensor().clone() for k in ("state1", "absmax1")}
+        return {k: full(st[k]) for k in ("state1", "absmax1")}
 
     result = {}
-    if mode == "save":
+    if mode.startswith("save"):
         train(range(3))
         model_sd, optim_sd = get_state_dict(model, opt)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt)
         result["saved_state"] = state_of_first_weight()
-        result["absmax_local_shape"] = tuple(opt.state[model[0].weight]["absmax1"].to_local().shape)
+        absmax = opt.state[model[0].weight]["absmax1"]
+        result["absmax_local_shape"] = tuple((absmax.to_local() if sharded else absmax).shape)
     else:
         model_sd, optim_sd = get_state_dict(model, opt)
         state = {"model": model_sd, "optim": optim_sd}
@@ -65,7 +73,7 @@ SCRIPT = textwrap.dedent('''
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         result["loaded_state"] = state_of_first_weight()
     train(range(3, 6))
-    result["params"] = [p.full_tensor().clone() for p in model.parameters()]
+    result["params"] = [full(p.detach()) for p in model.parameters()]
     if rank == 0:
         torch.save(result, out)
     del model, opt
@@ -88,10 +96,10 @@ def test_8bit_state_saved_at_world_size_2_loads_exactly_at_1_and_2(tmp_path):
     ckpt = tmp_path / "ckpt"
     _torchrun(tmp_path, 2, "save", ckpt, tmp_path / "saved.pt")
     saved = torch.load(tmp_path / "saved.pt", weights_only=True)
-    # (40, 256) weight: 40 rows of one block each, 20 rows per rank
-    assert saved["absmax_local_shape"] == (20, 1)
+    # (40, 300) weight: 40 rows of two blocks each, 20 rows per rank
+    assert saved["absmax_local_shape"] == (20, 2)
     assert saved["saved_state"]["state1"].dtype == torch.uint8
-    assert saved["saved_state"]["absmax1"].shape == (40, 1)
+    assert saved["saved_state"]["absmax1"].shape == (40, 2)
 
     for world in (1, 2):
         _torchrun(tmp_path, world, "load", ckpt, tmp_path / f"loaded{world}.pt")
@@ -104,3 +112,16 @@ def test_8bit_state_saved_at_world_size_2_loads_exactly_at_1_and_2(tmp_path):
                 assert torch.equal(a, b)
             else:  # one rank sums the batch in one matmul: gradients may differ in the last bit
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_8bit_state_of_an_unsharded_run_loads_exactly_into_fsdp2_at_world_size_2(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    _torchrun(tmp_path, 1, "save-unsharded", ckpt, tmp_path / "saved.pt")
+    saved = torch.load(tmp_path / "saved.pt", weights_only=True)
+    assert saved["absmax_local_shape"] == (40, 2)  # the plain param's layout is the sharded one's
+    _torchrun(tmp_path, 2, "load", ckpt, tmp_path / "loaded.pt")
+    loaded = torch.load(tmp_path / "loaded.pt", weights_only=True)
+    for key in ("state1", "absmax1"):
+        assert torch.equal(loaded["loaded_state"][key], saved["saved_state"][key]), key
+    for a, b in zip(loaded["params"], saved["params"]):  # two ranks sum the batch in two halves
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -31,6 +31,7 @@ Every example is reproducible: derandomize=True, no example database.
 from __future__ import annotations
 
 import copy
+import math
 import re
 
 import pytest
@@ -40,7 +41,8 @@ from hypothesis import strategies as st
 
 import torchsgd8
 from torchsgd8._state import FORMAT_KEY, StateDictError
-from torchsgd8.quantization import BLOCK_SIZE, signed_dynamic_map
+from torchsgd8.optim import MIN_ROW_LENGTH
+from torchsgd8.quantization import BLOCK_SIZE, absmax_per_element, signed_dynamic_map
 
 QMAP64 = signed_dynamic_map().to(torch.float64)
 Q_REL = max(((QMAP64[1:] - QMAP64[:-1]) / 2).max().item(), 1 + QMAP64[0].item())
@@ -59,7 +61,7 @@ SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.filter_too_much])
 
-SHAPES = [(), (0,), (1,), (5,), (255,), (256,), (257,), (3, 85), (2, 128), (16, 17), (2, 0, 3), (513,)]
+SHAPES = [(), (0,), (1,), (5,), (255,), (256,), (257,), (3, 85), (2, 128), (3, 300), (16, 17), (2, 0, 3), (513,)]
 DTYPES = [torch.float32, torch.float32, torch.float32, torch.float64, torch.bfloat16, torch.float16,
           torch.complex64]
 MIN_8BIT_SIZES = [0, 1, 255, 256, 257, 300, 4096]
@@ -191,9 +193,13 @@ class RefParam:
             numel = p_lib.numel()
             absmax = state["absmax1"].to(torch.float64)
             assert state["state1"].dtype == torch.uint8 and state["state1"].shape == p_lib.shape, where
-            assert absmax.shape == ((numel + BLOCK_SIZE - 1) // BLOCK_SIZE,), where
+            row = math.prod(p_lib.shape[1:])
+            if p_lib.dim() >= 2 and row >= MIN_ROW_LENGTH:  # blocks within each row of dim 0
+                assert absmax.shape == (p_lib.shape[0], (row + BLOCK_SIZE - 1) // BLOCK_SIZE), where
+            else:
+                assert absmax.shape == ((numel + BLOCK_SIZE - 1) // BLOCK_SIZE,), where
             assert state["step"].item() == self.steps, f"{where}: step {state['step'].item()} != {self.steps}"
-            per_elem = absmax.repeat_interleave(BLOCK_SIZE)[:numel].reshape(self.buf.shape)
+            per_elem = absmax_per_element(absmax, p_lib.shape).reshape(self.buf.shape)
             stored = QMAP64[state["state1"].long()].reshape(self.buf.shape) * per_elem
             new_e_b = a_bn + STORE_REL * per_elem
         else:

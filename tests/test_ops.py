@@ -122,6 +122,20 @@ def test_opcheck_sgd8bit_update(dtype, first_step, amp, gen):
     torch.library.opcheck(OPS.sgd8bit_update_.default, tuple(args), AMP[amp])
 
 
+@pytest.mark.parametrize("first_step", [False, True], ids=["later", "first"])
+def test_opcheck_sgd8bit_update_per_row_absmax(first_step, gen):
+    """2-D params with (rows, blocks per row) absmax, beside a flat one, in one call."""
+    shapes = [(3, 300), (0, 300), (2, 512), (700,)]
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    quantized = [ops.quantize_blockwise(torch.randn(s, generator=gen), per_row=len(s) == 2) for s in shapes]
+    assert [tuple(a.shape) for _, a in quantized] == [(3, 2), (0, 2), (2, 2), (3,)]
+    lr, mom = _hyper()
+    args = (params, grads, [c for c, _ in quantized], [a for _, a in quantized], lr, mom, 0.1, 0.01, False, False,
+            first_step)
+    torch.library.opcheck(OPS.sgd8bit_update_.default, args)
+
+
 def test_opcheck_sgd8bit_update_empty_list():
     lr, mom = _hyper()
     torch.library.opcheck(OPS.sgd8bit_update_.default, ([], [], [], [], lr, mom, 0.0, 0.0, False, False, False))
@@ -131,6 +145,15 @@ def test_opcheck_sgd8bit_update_empty_list():
 @pytest.mark.parametrize("shape", [(1,), (257,), (1000,), (33, 65), (0,)], ids=str)
 def test_opcheck_quantize_blockwise(shape, dtype, gen):
     torch.library.opcheck(OPS.quantize_blockwise.default, (torch.randn(shape, generator=gen).to(dtype),))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 257), (4, 5, 60), (0, 300), (2, 512)], ids=str)
+def test_opcheck_quantize_and_dequantize_per_row(shape, dtype, gen):
+    values = torch.randn(shape, generator=gen).to(dtype)
+    torch.library.opcheck(OPS.quantize_blockwise.default, (values, True))
+    codes, absmax = ops.quantize_blockwise(values, per_row=True)
+    torch.library.opcheck(OPS.dequantize_blockwise.default, (codes, absmax, dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=_dtype_id)
@@ -248,8 +271,10 @@ def _bad_sgd8_cases():
         ("codes-int8", codes_dtype, r"codes\[2\] must be uint8"),
         ("codes-float", codes_float, r"codes\[2\] must be uint8"),
         ("codes-shape", codes_shape, r"codes\[2\] must be contiguous with its param's shape"),
-        ("absmax-length", absmax_len, r"absmax\[2\] must be a contiguous float32 vector of 4 blocks"),
-        ("absmax-dtype", absmax_dtype, r"absmax\[2\] must be a contiguous float32 vector"),
+        ("absmax-length", absmax_len,
+         r"absmax\[2\] must hold one float32 per 256-element block of its 1000 codes \(shape \[1000\]\): "
+         r"shape \[4\] \(flat\); got shape \[3\]"),
+        ("absmax-dtype", absmax_dtype, r"absmax\[2\] must be a contiguous float32 tensor on cpu; got Double"),
         ("absmax-list-short", absmax_short, r"3 params but 2 absmax"),
         ("codes-list-short", codes_short, r"3 params but 2 codes"),
         ("float64-param", fp64, r"8-bit state is for float32/bfloat16/float16 params"),
@@ -274,9 +299,14 @@ def test_quantize_dequantize_reject_bad_arguments(gen):
     codes, absmax = ops.quantize_blockwise(torch.randn(600, generator=gen))
     with pytest.raises(RuntimeError, match="codes must be uint8"):
         ops.dequantize_blockwise(codes.float(), absmax)
-    with pytest.raises(RuntimeError, match="absmax must be a float32 vector of 3 blocks"):
+    with pytest.raises(RuntimeError, match=r"absmax must hold one float32 per 256-element block of its 600 codes "
+                                           r"\(shape \[600\]\): shape \[3\] \(flat\); got shape \[2\]"):
         ops.dequantize_blockwise(codes, absmax[:2])
-    with pytest.raises(RuntimeError, match="absmax must be a float32 vector"):
+    with pytest.raises(RuntimeError, match=r"absmax must hold one float32 per 256-element block of its 600 codes "
+                                           r"\(shape \[2, 300\]\): shape \[3\] \(flat\) or \[2, 2\] \(blocks within each "
+                                           r"row of dim 0\); got shape \[2, 3\]"):
+        ops.dequantize_blockwise(codes.reshape(2, 300), torch.zeros(2, 3))
+    with pytest.raises(RuntimeError, match="absmax must be float32"):
         ops.dequantize_blockwise(codes, absmax.double())
     with pytest.raises(RuntimeError, match="dtype must be float32"):
         ops.dequantize_blockwise(codes, absmax, torch.int32)

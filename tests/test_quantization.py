@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from torchsgd8 import ops
-from torchsgd8.quantization import BLOCK_SIZE, ZERO_CODE, nearest_code_reference, signed_dynamic_map
+from torchsgd8.quantization import (BLOCK_SIZE, ZERO_CODE, absmax_per_element, nearest_code_reference,
+                                    signed_dynamic_map)
 
 QMAP = signed_dynamic_map()
 QMAP64 = QMAP.to(torch.float64)
@@ -269,6 +270,35 @@ def test_partial_last_block(shape, gen):
         assert absmax[-1].item() == last.abs().max().item()
     back = ops.dequantize_blockwise(codes, absmax, torch.float32)
     assert back.shape == values.shape
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 255), (4, 257), (2, 3, 100), (5, 512), (0, 300), (2, 0)], ids=str)
+def test_per_row_blocks_restart_at_each_row(shape, gen, restore_threads):
+    """per_row: every index of dim 0 is quantized as its own flat tensor (its last block partial)."""
+    values = torch.randn(shape, generator=gen) * 10.0 ** (torch.arange(shape[0]) % 5 - 2.0).reshape(-1, *[1] * (len(shape) - 1))
+    codes, absmax = ops.quantize_blockwise(values, per_row=True)
+    row = math.prod(shape[1:])
+    assert codes.shape == values.shape and absmax.shape == (shape[0], (row + BLOCK_SIZE - 1) // BLOCK_SIZE)
+    for r in range(shape[0]):
+        ref_codes, ref_absmax = reference_quantize(values[r].reshape(-1))
+        assert torch.equal(codes[r].reshape(-1), ref_codes), f"row {r}"
+        assert torch.equal(bits(absmax[r]), bits(ref_absmax)), f"row {r}"
+    back = ops.dequantize_blockwise(codes, absmax, torch.float32)
+    want = QMAP[codes.long()] * absmax_per_element(absmax, shape)
+    assert torch.equal(bits(back), bits(want))
+    # a threaded split of many rows gives the same codes as one thread (blocks are never shared)
+    many = torch.randn(3000, 300, generator=gen)
+    torch.set_num_threads(1)
+    one = ops.quantize_blockwise(many, per_row=True)
+    torch.set_num_threads(2)
+    two = ops.quantize_blockwise(many, per_row=True)
+    assert torch.equal(one[0], two[0]) and torch.equal(bits(one[1]), bits(two[1]))
+
+
+def test_per_row_needs_two_dims():
+    for shape in ((), (300,)):
+        with pytest.raises(RuntimeError, match="per_row needs 2 or more dims"):
+            ops.quantize_blockwise(torch.ones(shape), per_row=True)
 
 
 def test_non_contiguous_input_is_quantized_in_logical_order(gen):

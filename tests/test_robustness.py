@@ -306,17 +306,18 @@ def test_op_checks_count_blocks_in_64_bits_without_touching_memory():
     before = rss_bytes()
     codes = torch.zeros(1, dtype=torch.uint8).expand(BIG)
     wrong = torch.zeros(1).expand(2**23 + 1)
-    with pytest.raises(RuntimeError, match=f"absmax must be a float32 vector of {2**23 + 2} blocks for {BIG} codes"):
+    with pytest.raises(RuntimeError, match=f"absmax must hold one float32 per 256-element block of its {BIG} codes "
+                                           rf"\(shape \[{BIG}\]\): shape \[{2**23 + 2}\] \(flat\)"):
         ops.dequantize_blockwise(codes, wrong, torch.bfloat16)
     huge = torch.zeros(1, dtype=torch.uint8).expand(2**32 + 1)
-    with pytest.raises(RuntimeError, match=f"of {2**24 + 1} blocks for {2**32 + 1} codes"):
+    with pytest.raises(RuntimeError, match=f"of its {2**32 + 1} codes .*: shape \\[{2**24 + 1}\\] \\(flat\\)"):
         ops.dequantize_blockwise(huge, wrong, torch.float32)
 
     param = torch.empty(BIG, dtype=torch.bfloat16)  # virtual memory only: never written or read here
     state = torch.empty(BIG, dtype=torch.uint8)
     lr, momentum = torch.tensor(0.1), torch.tensor(0.9)
     for absmax in (torch.zeros(2**23 + 1), torch.zeros(2**23 + 3)):
-        message = f"absmax\\[0\\] must be a contiguous float32 vector of {2**23 + 2} blocks"
+        message = f"absmax\\[0\\] must hold one float32 per 256-element block of its {BIG} codes .*: shape \\[{2**23 + 2}\\]"
         with pytest.raises(RuntimeError, match=message):
             ops.sgd8bit_update_([param], [param], [state], [absmax], lr, momentum, 0.0, 0.0, False, False, False)
     assert rss_bytes() - before < 256 * 2**20, "the checks touched the big tensors"

@@ -5,6 +5,7 @@ optimizer's precision, and rejecting broken ones with StateDictError before anyt
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ import torch
 import torchsgd8
 from torchsgd8 import ops
 from torchsgd8._state import StateDictError
-from torchsgd8.quantization import BLOCK_SIZE, signed_dynamic_map
+from torchsgd8.optim import MIN_ROW_LENGTH
+from torchsgd8.quantization import BLOCK_SIZE, absmax_per_element, signed_dynamic_map
 
 QMAP = signed_dynamic_map()
 QMAP64 = QMAP.to(torch.float64)
@@ -32,14 +34,18 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({4: torch.int32, 2: torch.int16, 8: torch.int64, 1: torch.uint8}[t.element_size()])
 
 
-def per_element(absmax: torch.Tensor, numel: int) -> torch.Tensor:
-    return absmax.repeat_interleave(BLOCK_SIZE)[:numel]
+def per_row(shape) -> bool:
+    """Whether SGD8bit blocks a param of this shape per row (absmax1 [rows, blocks per row])."""
+    return len(shape) >= 2 and math.prod(shape[1:]) >= MIN_ROW_LENGTH
+
+
+def quantize_like_sgd8bit(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return ops.quantize_blockwise(values, per_row=per_row(values.shape))
 
 
 def decode(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:
     """qmap[code] * absmax[block], one float32 product per element (how a saved 8-bit buffer reads back)."""
-    flat = qmap[codes.reshape(-1).long()] * per_element(absmax, codes.numel())
-    return flat.reshape(codes.shape)
+    return qmap[codes.long()] * absmax_per_element(absmax, codes.shape)
 
 
 def clone_params(params):
@@ -116,7 +122,7 @@ def continue_and_compare(ours, ours_params, ref, ref_params, grads, bounds=None,
             p_before, b_prev = before[i]
             b_ref = ref.state[b]["momentum_buffer"].to(torch.float64)
             d_ref = step_grads[i].to(torch.float64) + weight_decay * p_before
-            A = per_element(state["absmax1"], a.numel()).reshape(a.shape).to(torch.float64)
+            A = absmax_per_element(state["absmax1"], a.shape).to(torch.float64)
             P, S = bounds[i].step(d_ref, b_prev, b_ref, b.detach().to(torch.float64), A)
             err = (a.detach().to(torch.float64) - b.detach().to(torch.float64)).abs()
             assert bool((err <= P).all()), f"param {i}: error exceeds the bound by {(err - P).max().item()!r}"
@@ -129,7 +135,9 @@ def continue_and_compare(ours, ours_params, ref, ref_params, grads, bounds=None,
 # --------------------------------------------------------------------------------------------------------
 # bitsandbytes interop
 
-SHAPES = [(64, 80), (4097,), (100,)]  # 8-bit in bnb (whole blocks), 8-bit with a partial block, 32-bit in bnb
+# 8-bit in bnb: rows of 80 (under MIN_ROW_LENGTH: flat blocks as in bnb), 1-D with a partial block, rows of
+# 512 (per-row blocks coincide with bnb's flat ones), rows of 300 (per-row blocks differ); 32-bit in bnb
+SHAPES = [(64, 80), (4097,), (16, 512), (20, 300), (100,)]
 
 
 def _bnb_factories():
@@ -209,17 +217,20 @@ def test_bitsandbytes_state_loads_into_sgd8bit_and_continues_within_bound(kind, 
         assert set(state) == {"step", "state1", "absmax1", "qmap1"}
         assert state["state1"].dtype == torch.uint8 and state["state1"].shape == p.shape
         assert torch.equal(state["qmap1"], QMAP)
-        if bnb_state["state1"].dtype == torch.uint8:
-            # same codebook: the codes and absmax are taken over unchanged, and so is the step count
-            assert torch.equal(state["state1"], bnb_state["state1"])
-            assert torch.equal(bits(state["absmax1"]), bits(bnb_state["absmax1"]))
+        is_8bit = bnb_state["state1"].dtype == torch.uint8
+        if is_8bit:
             assert state["step"].dtype == torch.float32 and state["step"].item() == bnb_state["step"]
+        if is_8bit and (not per_row(p.shape) or p.shape[1:].numel() % BLOCK_SIZE == 0):
+            # same codebook and the same blocks: codes and absmax are taken over unchanged (absmax reshaped
+            # to rows of blocks where we block per row)
+            assert torch.equal(state["state1"], bnb_state["state1"])
+            assert torch.equal(bits(state["absmax1"]), bits(bnb_state["absmax1"].reshape(state["absmax1"].shape)))
             stored_error = torch.zeros(p.shape)
         else:
-            # bnb's 32-bit buffer is quantized on loading
-            codes, absmax = ops.quantize_blockwise(buf)
+            # bnb's 32-bit buffer, or its 8-bit one whose blocks straddle our rows, is quantized on loading
+            codes, absmax = quantize_like_sgd8bit(buf)
             assert torch.equal(state["state1"], codes) and torch.equal(bits(state["absmax1"]), bits(absmax))
-            stored_error = STORE_REL * per_element(absmax, p.numel()).reshape(p.shape).to(torch.float64)
+            stored_error = STORE_REL * absmax_per_element(absmax, p.shape).to(torch.float64)
         decoded = decode(state["state1"], state["absmax1"], QMAP).to(torch.float64)
         assert bool(((decoded - buf.to(torch.float64)).abs() <= stored_error + 1e-30).all())
         bounds[i] = ErrorBound(stored_error)
@@ -237,7 +248,7 @@ def test_bitsandbytes_8bit_state_read_into_smaller_min_8bit_size(gen):
     ours_params = clone_params(bnb_params)
     ours = torchsgd8.SGD8bit(ours_params, lr=LR, momentum=MOMENTUM, min_8bit_size=64)
     ours.load_state_dict(bnb_opt.state_dict())
-    small, bnb_small = ours_params[2], bnb_params[2]
+    small, bnb_small = ours_params[SHAPES.index((100,))], bnb_params[SHAPES.index((100,))]
     codes, absmax = ops.quantize_blockwise(bnb_opt.state[bnb_small]["state1"])
     assert torch.equal(ours.state[small]["state1"], codes)
     assert torch.equal(bits(ours.state[small]["absmax1"]), bits(absmax))
@@ -287,9 +298,9 @@ def test_torch_sgd_state_loads_into_sgd8bit_converted_to_8bit(gen):
             continue
         assert set(state) == {"step", "state1", "absmax1", "qmap1"}
         assert state["step"].dtype == torch.float32 and state["step"].dim() == 0
-        codes, absmax = ops.quantize_blockwise(buf)
+        codes, absmax = quantize_like_sgd8bit(buf)
         assert torch.equal(state["state1"], codes) and torch.equal(bits(state["absmax1"]), bits(absmax))
-        stored = STORE_REL * per_element(absmax, p.numel()).reshape(p.shape).to(torch.float64)
+        stored = STORE_REL * absmax_per_element(absmax, p.shape).to(torch.float64)
         bounds[i] = ErrorBound(stored, lr=TORCH_HYPER["lr"], dampening=TORCH_HYPER["dampening"],
                                weight_decay=TORCH_HYPER["weight_decay"])
     grads = [[torch.randn(s, generator=gen) for s in TORCH_SHAPES] for _ in range(20)]
@@ -341,13 +352,42 @@ def test_our_32bit_state_loads_into_sgd8bit_quantized(gen):
         if p.numel() < 4096:
             assert torch.equal(bits(ours.state[p]["momentum_buffer"]), bits(buf))
             continue
-        codes, absmax = ops.quantize_blockwise(buf)
+        codes, absmax = quantize_like_sgd8bit(buf)
         assert torch.equal(ours.state[p]["state1"], codes)
         assert torch.equal(bits(ours.state[p]["absmax1"]), bits(absmax))
     # it trains on from there
     set_grads(ours_params, [torch.randn(s, generator=gen) for s in TORCH_SHAPES])
     ours.step()
     assert all(torch.isfinite(p).all() for p in ours_params)
+
+
+def test_format_version_1_flat_absmax_loads_into_per_row_layout(gen):
+    """Version 1 kept flat blocks for every param. Where rows are whole blocks the same codes and absmax
+    are taken over (absmax reshaped); where blocks straddle rows the buffer is decoded and requantized."""
+    shapes = [(16, 512), (20, 300), (4097,)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    buffers = [torch.randn(s, generator=gen) for s in shapes]
+    flat = [ops.quantize_blockwise(b) for b in buffers]
+    sd = {
+        "torchsgd8_format_version": 1,
+        "state": {i: {"step": torch.tensor(3.0), "state1": c, "absmax1": a, "qmap1": QMAP.clone()}
+                  for i, (c, a) in enumerate(flat)},
+        "param_groups": [{"lr": LR, "momentum": MOMENTUM, "dampening": 0.0, "weight_decay": 0.0,
+                          "nesterov": False, "maximize": False, "params": [0, 1, 2]}],
+    }
+    opt = torchsgd8.SGD8bit(params, lr=LR, momentum=MOMENTUM)
+    opt.load_state_dict(sd)
+    aligned, straddling, vector = (opt.state[p] for p in params)
+    assert torch.equal(aligned["state1"], flat[0][0]) and aligned["absmax1"].shape == (16, 2)
+    assert torch.equal(bits(aligned["absmax1"]), bits(flat[0][1].reshape(16, 2)))
+    want_codes, want_absmax = ops.quantize_blockwise(decode(*flat[1], QMAP), per_row=True)
+    assert torch.equal(straddling["state1"], want_codes) and torch.equal(bits(straddling["absmax1"]), bits(want_absmax))
+    assert torch.equal(vector["state1"], flat[2][0]) and torch.equal(bits(vector["absmax1"]), bits(flat[2][1]))
+    assert all(state["step"].item() == 3 for state in (aligned, straddling, vector))
+    assert opt.state_dict()["torchsgd8_format_version"] == 2
+    set_grads(params, [torch.randn(s, generator=gen) for s in shapes])
+    opt.step()
+    assert all(bool(torch.isfinite(p).all()) for p in params)
 
 
 FOREIGN_QMAPS = {
@@ -380,7 +420,7 @@ def test_foreign_qmap_is_decoded_with_the_saved_qmap(name, gen):
     opt8 = torchsgd8.SGD8bit(clone_params(params), lr=LR, momentum=MOMENTUM)
     opt8.load_state_dict(copy.deepcopy(sd))
     state = opt8.state[opt8.param_groups[0]["params"][0]]
-    want_codes, want_absmax = ops.quantize_blockwise(expected)
+    want_codes, want_absmax = quantize_like_sgd8bit(expected)
     assert torch.equal(state["state1"], want_codes)
     assert torch.equal(bits(state["absmax1"]), bits(want_absmax))
     assert torch.equal(state["qmap1"], QMAP)  # the state now speaks our codebook
@@ -474,7 +514,7 @@ BROKEN = {
     "too_many_groups": (_set(("param_groups",), lambda v: v + [dict(v[1], params=[])]), r"param groups"),
     "invalid_group_lr": (_set(("param_groups", 1, "lr"), -1.0), r"param group"),
     "group_missing_momentum": (_delete(("param_groups", 0, "momentum")), r"param group 0\b.*momentum"),
-    "format_version_2": (_set(("torchsgd8_format_version",), 2), r"version"),
+    "format_version_3": (_set(("torchsgd8_format_version",), 3), r"version"),
     "format_version_str": (_set(("torchsgd8_format_version",), "1"), r"version"),
     "wrapped_absmax1_too_short": (_wrap_then(_set(("state", 0, WRAP, "absmax1"), lambda v: v[:-2].clone())),
                                   r"param 0\b.*absmax1"),

@@ -3,8 +3,9 @@
 Per-param state in torchsgd8 is one of
   * nothing (momentum == 0, or the param never had a gradient),
   * ``{"momentum_buffer": Tensor}`` in the param's dtype and shape (torch.optim.SGD's own key), or
-  * ``{"step": 0-dim float32, "state1": uint8 (param's shape), "absmax1": float32[blocks],
-    "qmap1": float32[256]}`` (bitsandbytes' 8-bit keys).
+  * ``{"step": 0-dim float32, "state1": uint8 (param's shape), "absmax1": float32, "qmap1": float32[256]}``
+    (bitsandbytes' 8-bit keys); absmax1 is ``[blocks]`` (flat layout) or ``[rows, blocks per row]`` (per
+    row, for params with rows of >= 128 elements; see optim.MIN_ROW_LENGTH).
 Saved state may come in any of these, or as bitsandbytes writes it: ``step`` as an int, keys nested
 under ``"__bnb_optimizer_quant_state__"``, and a float32 ``state1`` for 32-bit state. Each param's state
 is converted to what this optimizer keeps for it (8-bit or full precision); everything is validated
@@ -22,10 +23,13 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .quantization import signed_dynamic_map
+from .quantization import BLOCK_SIZE, absmax_per_element
 
 FORMAT_KEY = "torchsgd8_format_version"
-FORMAT_VERSION = 1
+# 2: absmax1 of params with rows of >= 128 elements is per row. Version 1 (flat blocks) still loads: its
+# absmax is reshaped where the blocks coincide (rows of whole blocks) and requantized otherwise.
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 BNB_WRAPPED_KEY = "__bnb_optimizer_quant_state__"
 
 # Keys bitsandbytes may store that carry no momentum information for SGD (statistics for clipping).
@@ -43,9 +47,10 @@ def convert_state_dict(optimizer, state_dict: dict[str, Any]) -> tuple[list[dict
     if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
         raise StateDictError("optimizer state dict must be a dict with 'state' and 'param_groups'")
     version = state_dict.get(FORMAT_KEY)
-    if version is not None and (type(version) is not int or version != FORMAT_VERSION):
+    if version is not None and (type(version) is not int or version not in _READABLE_VERSIONS):
         raise StateDictError(
-            f"state dict has torchsgd8 format version {version!r}; this torchsgd8 reads version {FORMAT_VERSION}"
+            f"state dict has torchsgd8 format version {version!r}; this torchsgd8 reads versions "
+            f"{', '.join(map(str, _READABLE_VERSIONS))}"
         )
     groups = optimizer.param_groups
     saved_groups = state_dict["param_groups"]
@@ -200,9 +205,9 @@ def _read_momentum(optimizer, flat: dict, param: Tensor, where: str) -> tuple[st
         if extra:
             raise StateDictError(f"{where}: unexpected keys {_names(extra)} in 8-bit state")
         absmax = _check_tensor(flat["absmax1"], where, "absmax1", dtype=torch.float32)
-        valid = {(ops.num_blocks(param.numel()),)}  # flat blocks; rows of blocks from sharded (FSDP2) runs:
-        if param.dim() >= 2 and param.shape[0] > 0 and (param.numel() // param.shape[0]) % 256 == 0:
-            valid.add((param.shape[0], param.numel() // param.shape[0] // 256))
+        valid = {ops.absmax_shape(param.shape, per_row=False)}  # either layout loads
+        if param.dim() >= 2:
+            valid.add(ops.absmax_shape(param.shape, per_row=True))
         if tuple(absmax.shape) not in valid:
             raise StateDictError(f"{where}: 'absmax1' has shape {tuple(absmax.shape)}, expected "
                                  f"{optimizer._absmax_shape(param)} (one per 256-element block)")
@@ -226,25 +231,33 @@ def _convert_param_state(optimizer, saved_state: Any, param: Tensor, group: dict
         buf = value.detach().to(device=param.device)
         if not want_8bit:
             return {"momentum_buffer": buf.to(param.dtype).contiguous().clone()}
-        codes, absmax = ops.quantize_blockwise(buf.to(torch.float32).contiguous())
+        codes, absmax = ops.quantize_blockwise(buf.to(torch.float32), per_row=len(optimizer._absmax_shape(param)) == 2)
         # torch.optim.SGD keeps no step count; bitsandbytes' 32-bit state does: keep it where present
         return _8bit_state(optimizer, param, codes, absmax, _read_step(flat.get("step", 1), where))
     codes, absmax, qmap, step = value
     codes, absmax = codes.to(param.device).contiguous(), absmax.to(param.device).contiguous()
-    ours = optimizer._qmap(param.device)
-    same_codebook = torch.equal(qmap.to(param.device), ours)
-    if want_8bit and same_codebook:
-        absmax = absmax.clone()
-        if tuple(absmax.shape) != optimizer._absmax_shape(param):  # flat <-> (rows, blocks per row)
-            absmax = absmax.reshape(optimizer._absmax_shape(param))
-        return _8bit_state(optimizer, param, codes.clone(), absmax, step)
-    # decode with the saved codebook: qmap[code] * absmax[block]
-    blocks = torch.arange(codes.numel(), device=param.device) // 256
-    values = (qmap.to(param.device)[codes.reshape(-1).long()] * absmax.reshape(-1)[blocks]).reshape(param.shape)
+    target = optimizer._absmax_shape(param)
+    same_codebook = torch.equal(qmap.to(param.device), optimizer._qmap(param.device))
+    if want_8bit and same_codebook and _same_blocks(param.shape, tuple(absmax.shape), target):
+        return _8bit_state(optimizer, param, codes.clone(), absmax.reshape(target).clone(), step)
+    values = _decode(codes, absmax, qmap.to(param.device))
     if not want_8bit:
         return {"momentum_buffer": values.to(param.dtype)}
-    codes, absmax = ops.quantize_blockwise(values)
+    codes, absmax = ops.quantize_blockwise(values, per_row=len(target) == 2)
     return _8bit_state(optimizer, param, codes, absmax, step)
+
+
+def _same_blocks(shape: torch.Size, saved: tuple, target: tuple) -> bool:
+    """Whether two absmax layouts of a param cut the same blocks (the flat and per-row layouts do when
+    every row is whole blocks, or there is one row)."""
+    if saved == target:
+        return True
+    return len(shape) >= 1 and (shape[0] <= 1 or math.prod(shape[1:]) % BLOCK_SIZE == 0)
+
+
+def _decode(codes: Tensor, absmax: Tensor, qmap: Tensor) -> Tensor:
+    """qmap[code] * absmax[block of the element], for either absmax layout, with the saved codebook."""
+    return qmap[codes.long()] * absmax_per_element(absmax, codes.shape)
 
 
 def _8bit_state(optimizer, param: Tensor, codes: Tensor, absmax: Tensor, step: Tensor) -> dict:

@@ -5,6 +5,7 @@ describe outputs only, so the ops trace under torch.compile, torch.export and Fa
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -13,12 +14,20 @@ from torch import Tensor
 from . import _C  # noqa: F401  (loads the library that registers the ops)
 from .quantization import BLOCK_SIZE
 
-__all__ = ["sgd_update_", "sgd8bit_update_", "quantize_blockwise", "dequantize_blockwise", "num_blocks"]
+__all__ = ["sgd_update_", "sgd8bit_update_", "quantize_blockwise", "dequantize_blockwise", "num_blocks", "absmax_shape"]
 
 
 def num_blocks(numel):
     """Number of 256-element absmax blocks of a tensor with ``numel`` elements (works for SymInts)."""
     return (numel + BLOCK_SIZE - 1) // BLOCK_SIZE
+
+
+def absmax_shape(shape: Sequence[int], per_row: bool) -> tuple:
+    """absmax's shape for values of ``shape`` in the flat or the per-row layout (works for SymInts)."""
+    if not per_row:
+        return (num_blocks(math.prod(shape)),)
+    torch._check(len(shape) >= 2, lambda: f"quantize_blockwise: per_row needs 2 or more dims, got {len(shape)}")
+    return (shape[0], num_blocks(math.prod(shape[1:])))
 
 
 def sgd_update_(
@@ -70,13 +79,18 @@ def sgd8bit_update_(
     )
 
 
-def quantize_blockwise(values: Tensor) -> tuple[Tensor, Tensor]:
-    """values -> (uint8 codes of values' shape, float32 absmax with one entry per 256-element block)."""
-    return torch.ops.torchsgd8.quantize_blockwise.default(values)
+def quantize_blockwise(values: Tensor, per_row: bool = False) -> tuple[Tensor, Tensor]:
+    """values -> (uint8 codes of values' shape, float32 absmax with one entry per 256-element block).
+
+    Blocks run over the flattened tensor (absmax: ``(ceil(numel / 256),)``), or with ``per_row`` within
+    each index of dim 0, restarting at every row (absmax: ``(values.shape[0], ceil(row / 256))``).
+    """
+    return torch.ops.torchsgd8.quantize_blockwise.default(values, per_row)
 
 
 def dequantize_blockwise(codes: Tensor, absmax: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """(codes, absmax) -> values of ``dtype``: qmap[code] * absmax[block]."""
+    """(codes, absmax) -> values of ``dtype``: qmap[code] * absmax[block]; absmax's shape (a vector or a
+    matrix, see quantize_blockwise) says which layout the blocks have."""
     return torch.ops.torchsgd8.dequantize_blockwise.default(codes, absmax, dtype)
 
 
@@ -96,9 +110,9 @@ def _(params, grads, codes, absmax, lr, momentum, dampening, weight_decay, neste
 
 
 @torch.library.register_fake("torchsgd8::quantize_blockwise")
-def _(values):
+def _(values, per_row=False):
     codes = torch.empty_like(values, dtype=torch.uint8, memory_format=torch.contiguous_format)
-    absmax = values.new_empty((num_blocks(values.numel()),), dtype=torch.float32)
+    absmax = values.new_empty(absmax_shape(values.shape, per_row), dtype=torch.float32)
     return codes, absmax
 
 

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _state, ops
-from .quantization import BLOCK_SIZE, ZERO_CODE, signed_dynamic_map
+from .quantization import ZERO_CODE, signed_dynamic_map
 
 __all__ = ["SGD", "SGD8bit", "SGD32bit"]
 
@@ -113,18 +113,21 @@ def _like_param(p: Tensor, local: Tensor, shape: Optional[tuple[int, ...]] = Non
     return local
 
 
-def _row_blocks(p: Tensor) -> Optional[int]:
-    """Blocks per row for 8-bit state of a sharded param, or None where 8-bit state cannot be sharded.
+# 8-bit state of params with at least 2 dims and rows (dim-0 slices) of at least this many elements is
+# blocked per row: blocks restart at every row (csrc/quant.h, BlockLayout), so FSDP2's Shard(0) splits
+# the state exactly like its param at any world size and a checkpoint moves between sharded and
+# unsharded runs unchanged. Shorter rows would cost more than 1/32 byte of absmax per element; those
+# params and 1-D ones use flat blocks (bitsandbytes' layout), and keep full-precision state when sharded.
+MIN_ROW_LENGTH = 128
 
-    Shards split dim 0, so absmax blocks must not straddle rows: with rows that are whole multiples of
-    256 elements the flat 256-element blocks are row blocks, absmax is stored as (rows, blocks per row)
-    and shards with the param along dim 0 at any world size (so DCP reshards it exactly). Other sharded
-    params keep full-precision momentum.
-    """
-    if p.dim() < 2 or p.shape[0] == 0 or any(not pl.is_shard(0) and not pl.is_replicate() for pl in p.placements):
-        return None
-    row = p.numel() // p.shape[0]
-    return row // BLOCK_SIZE if row % BLOCK_SIZE == 0 else None
+
+def _per_row(p: Tensor) -> bool:
+    return p.dim() >= 2 and math.prod(p.shape[1:]) >= MIN_ROW_LENGTH
+
+
+def _absmax_shape(p: Tensor) -> tuple[int, ...]:
+    """(blocks,) for the flat layout; (rows, blocks per row) for the per-row one."""
+    return ops.absmax_shape(p.shape, _per_row(p))
 
 
 def _uses_momentum(momentum: float | Tensor) -> bool:
@@ -238,23 +241,20 @@ class SGD(Optimizer):
     def _wants_8bit(p: Tensor, group: dict) -> bool:
         if not (group["optim_bits"] == 8 and p.dtype in _8BIT_DTYPES and p.numel() >= group["min_8bit_size"]):
             return False
-        return not isinstance(p, DTensor) or _row_blocks(p) is not None
+        if not isinstance(p, DTensor):
+            return True
+        # shards split dim 0: whole rows of blocks go to each rank
+        return _per_row(p) and all(pl.is_shard(0) or pl.is_replicate() for pl in p.placements)
 
-    @staticmethod
-    def _absmax_shape(p: Tensor) -> tuple[int, ...]:
-        """(blocks,) for a plain param; (rows, blocks per row) for a sharded one (see _row_blocks)."""
-        if isinstance(p, DTensor):
-            return (p.shape[0], _row_blocks(p))
-        return (ops.num_blocks(p.numel()),)
+    _absmax_shape = staticmethod(_absmax_shape)
 
     def _init_state(self, p: Tensor, group: dict, state: dict) -> None:
         local = _local(p)
         if self._wants_8bit(p, group):
             state["step"] = torch.zeros((), dtype=torch.float32)
             state["state1"] = _like_param(p, torch.full(local.shape, ZERO_CODE, dtype=torch.uint8, device=local.device))
-            shape = self._absmax_shape(p)
-            local_shape = (local.shape[0], shape[1]) if isinstance(p, DTensor) else shape
-            state["absmax1"] = _like_param(p, torch.zeros(local_shape, dtype=torch.float32, device=local.device), shape)
+            local_absmax = torch.zeros(ops.absmax_shape(local.shape, _per_row(p)), dtype=torch.float32, device=local.device)
+            state["absmax1"] = _like_param(p, local_absmax, _absmax_shape(p))
             state["qmap1"] = self._qmap(local.device)
         else:
             state["momentum_buffer"] = _like_param(p, torch.zeros(local.shape, dtype=local.dtype, device=local.device))
@@ -312,7 +312,7 @@ class SGD(Optimizer):
                 bucket["buffers"].append(_local(state["momentum_buffer"]))
             elif kind == "8bit":
                 bucket["codes"].append(_local(state["state1"]))
-                bucket["absmax"].append(_local(state["absmax1"]).view(-1))
+                bucket["absmax"].append(_local(state["absmax1"]))
                 bucket["steps"].append(state["step"])
 
         lr = _as_tensor(group["lr"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-BLOCK_SIZE = 256  # elements per absmax block of the flattened tensor
+BLOCK_SIZE = 256  # elements per absmax block (of the flattened tensor, or of each row: see absmax_per_element)
 ZERO_CODE = 127  # index of 0.0 in the signed dynamic map
 
 
@@ -26,6 +26,15 @@ def signed_dynamic_map() -> torch.Tensor:
         scale = 10 ** (decade - 6)
         parts += [scale * midpoints, -scale * midpoints]
     return torch.cat(parts).sort().values
+
+
+def absmax_per_element(absmax: torch.Tensor, shape) -> torch.Tensor:
+    """Each element's block absmax, as a tensor of ``shape``: blocks of the flattened tensor for a vector
+    ``absmax`` (flat layout), blocks within each index of dim 0 for a (rows, blocks per row) matrix."""
+    shape = torch.Size(shape)
+    if absmax.dim() == 1:
+        return absmax.repeat_interleave(BLOCK_SIZE)[:shape.numel()].reshape(shape)
+    return absmax.repeat_interleave(BLOCK_SIZE, dim=1)[:, :shape[1:].numel()].reshape(shape)
 
 
 # Lookup of the nearest code (see csrc/quant.h): |x|'s float bits >> BUCKET_SHIFT (the exponent and the

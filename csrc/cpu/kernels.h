@@ -4,6 +4,9 @@
 
 #include <ATen/ATen.h>
 
+#include <vector>
+
+#include "../quant.h"
 #include "../sgd_rule.h"
 
 namespace torchsgd8::cpu {
@@ -13,9 +16,12 @@ struct KernelTable {
   void (*sgd_update)(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                      const SgdHyper<double>& hyper);
   void (*sgd8bit_update)(at::TensorList params, at::TensorList grads, at::TensorList codes,
-                         at::TensorList absmax, const SgdHyper<double>& hyper);
-  void (*quantize_blockwise)(const at::Tensor& values, const at::Tensor& codes, const at::Tensor& absmax);
-  void (*dequantize_blockwise)(const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& out);
+                         at::TensorList absmax, const std::vector<BlockLayout>& layouts,
+                         const SgdHyper<double>& hyper);
+  void (*quantize_blockwise)(const at::Tensor& values, const at::Tensor& codes, const at::Tensor& absmax,
+                             BlockLayout layout);
+  void (*dequantize_blockwise)(const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& out,
+                               BlockLayout layout);
 };
 
 namespace DEFAULT {

@@ -56,36 +56,39 @@ void sgd8bit_update_cpu(at::TensorList params, at::TensorList grads, at::TensorL
                         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                         const std::optional<at::Tensor>& rounding_seed) {
   check_params_and_grads(params, grads);
-  check_codes_and_absmax(params, codes, absmax);
+  const std::vector<BlockLayout> layouts = check_codes_and_absmax(params, codes, absmax);
   SgdHyper<double> hyper;
   if (read_hyper(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, /*use_momentum=*/true,
                  grad_scale, found_inf, rounding_seed, params, hyper)) {
-    kernels().sgd8bit_update(params, grads, codes, absmax, hyper);
+    kernels().sgd8bit_update(params, grads, codes, absmax, layouts, hyper);
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& values) {
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& values, bool per_row) {
   TORCH_CHECK(is_supported_param_dtype(values.scalar_type()),
               "torchsgd8.quantize_blockwise: values must be float32, float64, bfloat16 or float16, got ",
               values.scalar_type());
-  const at::Tensor contiguous = values.contiguous();
+  TORCH_CHECK(!per_row || values.dim() >= 2, "torchsgd8.quantize_blockwise: per_row needs 2 or more dims, got ",
+              values.dim());
+  const BlockLayout layout =
+      BlockLayout::rows_of(per_row ? c10::multiply_integers(values.sizes().slice(1)) : values.numel());
   at::Tensor codes = at::empty(values.sizes(), values.options().dtype(at::kByte));
-  at::Tensor absmax = at::empty({num_blocks(values.numel())}, values.options().dtype(at::kFloat));
-  kernels().quantize_blockwise(contiguous, codes, absmax);
+  at::Tensor absmax = per_row ? at::empty({values.size(0), layout.blocks_per_row}, values.options().dtype(at::kFloat))
+                              : at::empty({layout.blocks_per_row}, values.options().dtype(at::kFloat));
+  kernels().quantize_blockwise(values.contiguous(), codes, absmax, layout);
   return {codes, absmax};
 }
 
 at::Tensor dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& absmax, at::ScalarType dtype) {
   TORCH_CHECK(codes.scalar_type() == at::kByte, "torchsgd8.dequantize_blockwise: codes must be uint8, got ",
               codes.scalar_type());
-  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.dim() == 1 &&
-                  absmax.numel() == num_blocks(codes.numel()),
-              "torchsgd8.dequantize_blockwise: absmax must be a float32 vector of ", num_blocks(codes.numel()),
-              " blocks for ", codes.numel(), " codes, got ", absmax.scalar_type(), absmax.sizes());
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat, "torchsgd8.dequantize_blockwise: absmax must be float32, got ",
+              absmax.scalar_type());
+  const BlockLayout layout = absmax_layout(codes.sizes(), absmax, /*index=*/-1);
   TORCH_CHECK(is_supported_param_dtype(dtype),
               "torchsgd8.dequantize_blockwise: dtype must be float32, float64, bfloat16 or float16, got ", dtype);
   at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(dtype));
-  kernels().dequantize_blockwise(codes.contiguous(), absmax.contiguous(), out);
+  kernels().dequantize_blockwise(codes.contiguous(), absmax.contiguous(), out, layout);
   return out;
 }
 

@@ -52,13 +52,13 @@ namespace {
 
 using at::vec::Vectorized;
 
-// Runs fn(tensor_index, begin, end) over [begin, end) element ranges that cover every tensor, each range a
-// whole number of blocks of one tensor (except a tensor's last, partial block). One parallel region.
+// Runs fn(tensor_index, first_block, end_block) over ranges of consecutive blocks that together cover
+// blocks [0, block_counts[t]) of every tensor t. One parallel region for all tensors.
 template <typename Fn>
-void parallel_over_blocks(at::TensorList tensors, const Fn& fn) {
-  std::vector<int64_t> first_block(tensors.size() + 1, 0);
-  for (const auto i : c10::irange(tensors.size())) {
-    first_block[i + 1] = first_block[i] + (tensors[i].numel() + kBlockSize - 1) / kBlockSize;
+void parallel_over_blocks(c10::ArrayRef<int64_t> block_counts, const Fn& fn) {
+  std::vector<int64_t> first_block(block_counts.size() + 1, 0);
+  for (const auto i : c10::irange(block_counts.size())) {
+    first_block[i + 1] = first_block[i] + block_counts[i];
   }
   const int64_t total = first_block.back();
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / kBlockSize);
@@ -69,11 +69,28 @@ void parallel_over_blocks(at::TensorList tensors, const Fn& fn) {
         ++t;  // skips empty tensors too
       }
       const int64_t stop = std::min(end, first_block[t + 1]);
-      const int64_t numel = tensors[t].numel();
-      fn(t, (block - first_block[t]) * kBlockSize, std::min((stop - first_block[t]) * kBlockSize, numel));
+      fn(t, block - first_block[t], stop - first_block[t]);
       block = stop;
     }
   });
+}
+
+std::vector<int64_t> flat_block_counts(at::TensorList tensors) {
+  std::vector<int64_t> counts;
+  counts.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) {
+    counts.push_back(num_blocks(t.numel()));
+  }
+  return counts;
+}
+
+std::vector<int64_t> block_counts(at::TensorList absmax) {
+  std::vector<int64_t> counts;
+  counts.reserve(absmax.size());
+  for (const at::Tensor& a : absmax) {
+    counts.push_back(a.numel());
+  }
+  return counts;
 }
 
 // SIMD lanes: kParts vectors of acc_t per step. bf16/fp16 load as two float vectors, so one step is
@@ -280,7 +297,10 @@ void sgd_update(at::TensorList params, at::TensorList grads, at::TensorList mome
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "sgd_update_", [&] {
     using acc_t = acc_type<scalar_t>;
     const SgdHyper<acc_t> h = cast_hyper<acc_t>(hyper);
-    parallel_over_blocks(params, [&](size_t t, int64_t begin, int64_t end) {
+    // blocks only split the work here: each range is contiguous elements
+    parallel_over_blocks(flat_block_counts(params), [&](size_t t, int64_t first, int64_t last) {
+      const int64_t begin = first * kBlockSize;
+      const int64_t end = std::min(last * kBlockSize, params[t].numel());
       scalar_t* buf = h.use_momentum ? momentum_buffers[t].data_ptr<scalar_t>() + begin : nullptr;
       update_range(params[t].data_ptr<scalar_t>() + begin, grads[t].const_data_ptr<scalar_t>() + begin, buf,
                    end - begin, h, static_cast<uint32_t>(t), begin);
@@ -334,28 +354,30 @@ void update_block_8bit(T* param, const T* grad, uint8_t* code, float* absmax, in
 
 template <typename scalar_t>
 void sgd8bit_update_typed(at::TensorList params, at::TensorList grads, at::TensorList codes,
-                          at::TensorList absmax, const SgdHyper<float>& h) {
-  parallel_over_blocks(params, [&](size_t t, int64_t begin, int64_t end) {
+                          at::TensorList absmax, const std::vector<BlockLayout>& layouts, const SgdHyper<float>& h) {
+  parallel_over_blocks(block_counts(absmax), [&](size_t t, int64_t first, int64_t last) {
     scalar_t* param = params[t].data_ptr<scalar_t>();
     const scalar_t* grad = grads[t].const_data_ptr<scalar_t>();
     uint8_t* code = codes[t].data_ptr<uint8_t>();
     float* scale = absmax[t].data_ptr<float>();
-    for (int64_t start = begin; start < end; start += kBlockSize) {
-      update_block_8bit(param + start, grad + start, code + start, scale + start / kBlockSize,
-                        std::min(kBlockSize, end - start), h, static_cast<uint32_t>(t), start);
+    const BlockLayout layout = layouts[t];
+    for (int64_t block = first; block < last; ++block) {
+      const int64_t start = layout.start(block);
+      update_block_8bit(param + start, grad + start, code + start, scale + block, layout.size(block), h,
+                        static_cast<uint32_t>(t), start);
     }
   });
 }
 
 void sgd8bit_update(at::TensorList params, at::TensorList grads, at::TensorList codes, at::TensorList absmax,
-                    const SgdHyper<double>& hyper) {
+                    const std::vector<BlockLayout>& layouts, const SgdHyper<double>& hyper) {
   if (params.empty()) {
     return;
   }
   const SgdHyper<float> h = cast_hyper<float>(hyper);
   // float64 params keep full-precision state (the op checks), so no float64 instantiation.
   const auto run = [&](auto param_type) {
-    sgd8bit_update_typed<decltype(param_type)>(params, grads, codes, absmax, h);
+    sgd8bit_update_typed<decltype(param_type)>(params, grads, codes, absmax, layouts, h);
   };
   switch (params[0].scalar_type()) {
     case at::kFloat:
@@ -370,35 +392,39 @@ void sgd8bit_update(at::TensorList params, at::TensorList grads, at::TensorList 
   }
 }
 
-void quantize_blockwise(const at::Tensor& values, const at::Tensor& codes, const at::Tensor& absmax) {
+void quantize_blockwise(const at::Tensor& values, const at::Tensor& codes, const at::Tensor& absmax,
+                        BlockLayout layout) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, values.scalar_type(), "quantize_blockwise", [&] {
     const scalar_t* in = values.const_data_ptr<scalar_t>();
     uint8_t* out = codes.data_ptr<uint8_t>();
     float* scale = absmax.data_ptr<float>();
-    parallel_over_blocks(values, [&](size_t, int64_t begin, int64_t end) {
-      alignas(64) float block[kBlockSize];
-      for (int64_t start = begin; start < end; start += kBlockSize) {
-        const int64_t n = std::min(kBlockSize, end - start);
-        for (int64_t i = 0; i < n; ++i) {
-          block[i] = static_cast<float>(in[start + i]);
-        }
-        quantize_block(block, n, out + start, scale + start / kBlockSize);
+    const int64_t blocks = absmax.numel();
+    parallel_over_blocks(blocks, [&](size_t, int64_t first, int64_t last) {
+      alignas(64) float block_values[kBlockSize];
+      for (int64_t block = first; block < last; ++block) {
+        const int64_t start = layout.start(block);
+        const int64_t n = layout.size(block);
+        std::copy(in + start, in + start + n, block_values);  // converts to float
+        quantize_block(block_values, n, out + start, scale + block);
       }
     });
   });
 }
 
-void dequantize_blockwise(const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& out) {
+void dequantize_blockwise(const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& out,
+                          BlockLayout layout) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "dequantize_blockwise", [&] {
     const uint8_t* in = codes.const_data_ptr<uint8_t>();
     const float* scale = absmax.const_data_ptr<float>();
     scalar_t* values = out.data_ptr<scalar_t>();
-    parallel_over_blocks(codes, [&](size_t, int64_t begin, int64_t end) {
-      alignas(64) float block[kBlockSize];
-      for (int64_t start = begin; start < end; start += kBlockSize) {
-        const int64_t n = std::min(kBlockSize, end - start);
-        dequantize_block(in + start, scale[start / kBlockSize], n, block);
-        std::copy(block, block + n, values + start);  // converts to scalar_t
+    const int64_t blocks = absmax.numel();
+    parallel_over_blocks(blocks, [&](size_t, int64_t first, int64_t last) {
+      alignas(64) float block_values[kBlockSize];
+      for (int64_t block = first; block < last; ++block) {
+        const int64_t start = layout.start(block);
+        const int64_t n = layout.size(block);
+        dequantize_block(in + start, scale[block], n, block_values);
+        std::copy(block_values, block_values + n, values + start);  // converts to scalar_t
       }
     });
   });
