@@ -7,13 +7,13 @@ How to run (CPU, gloo backend)::
     # 1 process (either way)
     .venv/bin/torchrun --nproc-per-node 1 examples/fsdp2_train.py
     .venv/bin/python examples/fsdp2_train.py
-    # the 8-bit optimizer (8-bit momentum for the params it can shard; see below)
-    .venv/bin/torchrun --nproc-per-node 2 examples/fsdp2_train.py --optimizer sgd8bit
+    # fp32 momentum instead of 8-bit
+    .venv/bin/torchrun --nproc-per-node 2 examples/fsdp2_train.py --optimizer sgd32bit
 
 What it does:
   1. builds a small MLP, wraps each Linear and the root in ``fully_shard`` over a 1-D CPU device mesh, so
      every param is a DTensor sharded along dim 0 (``Shard(0)``);
-  2. trains it with ``torchsgd8.SGD32bit`` (default) or ``torchsgd8.SGD8bit`` on synthetic regression data
+  2. trains it with ``torchsgd8.SGD8bit`` (default) or ``torchsgd8.SGD32bit`` on synthetic regression data
      (a fixed random "teacher" network); each step draws one global batch and each rank takes its rows,
      so every world size trains on the same data;
   3. saves model and optimizer with ``get_state_dict`` + ``dcp.save`` to ``--checkpoint-dir``;
@@ -25,10 +25,11 @@ A checkpoint saved at one world size loads at another (DCP reshards), e.g. save 
 resume with 1: ``--resume`` skips phase 1 and starts from the checkpoint in ``--checkpoint-dir``.
 
 The optimizer step updates each rank's local shard with torchsgd8's fused op (no all-gather); the
-optimizer state is DTensors sharded like the params, so DCP saves and reshards it. With ``--optimizer
-sgd8bit``, params of at least ``--min-8bit-size`` elements get 8-bit momentum where they have 2+ dims
-and rows of at least 128 elements (blocked per row, so quantization blocks never straddle shards); other
-sharded params (biases) keep fp32 momentum. The script prints which state each param got.
+optimizer state is DTensors sharded like the params, so DCP saves and reshards it. With SGD8bit, params
+of at least ``--min-8bit-size`` elements get 8-bit momentum where they have 2+ dims and rows of at least
+128 elements (blocked per row, so quantization blocks never straddle shards; the weights here have rows
+of 200 and 300 elements); other sharded params (biases) keep fp32 momentum. The script prints which
+state each param got.
 """
 from __future__ import annotations
 
@@ -50,12 +51,12 @@ from torch.distributed.tensor import DTensor
 
 import torchsgd8
 
-IN, HIDDEN, OUT = 32, 256, 4
+IN, HIDDEN, OUT = 200, 300, 4  # weights (300, 200), (300, 300): 8-bit state blocked per row
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--optimizer", choices=["sgd32bit", "sgd8bit"], default="sgd32bit")
+    parser.add_argument("--optimizer", choices=["sgd8bit", "sgd32bit"], default="sgd8bit")
     parser.add_argument("--checkpoint-dir", default=os.path.join(tempfile.gettempdir(), "torchsgd8_fsdp2_ckpt"))
     parser.add_argument("--steps", type=int, default=60, help="steps before the checkpoint")
     parser.add_argument("--more-steps", type=int, default=60, help="steps after loading it")

@@ -579,7 +579,10 @@ def test_fsdp2_example_runs(tmp_path):
            "--checkpoint-dir", str(tmp_path / "ckpt"), "--steps", "4", "--more-steps", "4", "--print-every", "4"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "world size 2, optimizer sgd32bit" in proc.stdout, proc.stdout
+    assert "world size 2, optimizer sgd8bit" in proc.stdout, proc.stdout
+    # rows of 300 elements (not whole 256-blocks) keep 8-bit state when sharded; biases keep fp32
+    assert re.search(r"2\.weight +\(300, 300\) +8-bit momentum .*DTensor, sharded like the param", proc.stdout), proc.stdout
+    assert re.search(r"2\.bias +\(300,\) +fp32 momentum_buffer", proc.stdout), proc.stdout
     assert "params identical to the saved ones" in proc.stdout, proc.stdout
     first, last = map(float, re.search(r"first 4 steps ([\d.]+) -> of the last 4 steps ([\d.]+)", proc.stdout).groups())
     assert last < first, proc.stdout
