@@ -7,6 +7,7 @@ and a 44-element block per row), so blocks of the flat layout would straddle row
 is a small script started with torchrun (--standalone picks a free port); results come back through
 files in tmp_path.
 """
+import os
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,8 @@ import textwrap
 import pytest
 import torch
 import torch.distributed as dist
+
+import torchsgd8
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch built without distributed / gloo")
@@ -125,3 +128,25 @@ def test_8bit_state_of_an_unsharded_run_loads_exactly_into_fsdp2_at_world_size_2
         assert torch.equal(loaded["loaded_state"][key], saved["saved_state"][key]), key
     for a, b in zip(loaded["params"], saved["params"]):  # two ranks sum the batch in two halves
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_8bit_state_takes_about_one_byte_per_param_on_disk(tmp_path):
+    """dcp.save of SGD8bit's state for 1M params: codes (1 B/param), absmax (4 B per 256-element block)
+    and one 1 KiB codebook; SGD32bit's momentum takes 4 B/param. Measured on the checkpoint's data files."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    def bytes_per_param(cls, name):
+        model = torch.nn.Linear(1024, 1024, bias=False)
+        opt = cls(model.parameters(), lr=0.1, momentum=0.9)
+        model.weight.grad = torch.randn(1024, 1024)
+        opt.step()
+        directory = tmp_path / name
+        dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(directory), no_dist=True)
+        data = sum(os.path.getsize(directory / f) for f in os.listdir(directory) if f != ".metadata")
+        return data / model.weight.numel()
+
+    eight_bit, fp32 = bytes_per_param(torchsgd8.SGD8bit, "sgd8bit"), bytes_per_param(torchsgd8.SGD32bit, "sgd32bit")
+    assert 1.0 < eight_bit < 1.05, eight_bit  # 1 + 4/256, the codebook and DCP framing (measured 1.035)
+    assert 4.0 < fp32 < 4.03, fp32  # measured 4.014
