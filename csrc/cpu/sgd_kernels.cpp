@@ -75,6 +75,16 @@ void parallel_over_blocks(c10::ArrayRef<int64_t> block_counts, const Fn& fn) {
   });
 }
 
+// Runs fn(block, start, size) for every block of one tensor laid out as `layout`, in parallel.
+template <typename Fn>
+void parallel_for_each_block(int64_t blocks, BlockLayout layout, const Fn& fn) {
+  parallel_over_blocks(blocks, [&](size_t, int64_t first, int64_t last) {
+    for (int64_t block = first; block < last; ++block) {
+      fn(block, layout.start(block), layout.size(block));
+    }
+  });
+}
+
 std::vector<int64_t> flat_block_counts(at::TensorList tensors) {
   std::vector<int64_t> counts;
   counts.reserve(tensors.size());
@@ -398,15 +408,10 @@ void quantize_blockwise(const at::Tensor& values, const at::Tensor& codes, const
     const scalar_t* in = values.const_data_ptr<scalar_t>();
     uint8_t* out = codes.data_ptr<uint8_t>();
     float* scale = absmax.data_ptr<float>();
-    const int64_t blocks = absmax.numel();
-    parallel_over_blocks(blocks, [&](size_t, int64_t first, int64_t last) {
+    parallel_for_each_block(absmax.numel(), layout, [&](int64_t block, int64_t start, int64_t n) {
       alignas(64) float block_values[kBlockSize];
-      for (int64_t block = first; block < last; ++block) {
-        const int64_t start = layout.start(block);
-        const int64_t n = layout.size(block);
-        std::copy(in + start, in + start + n, block_values);  // converts to float
-        quantize_block(block_values, n, out + start, scale + block);
-      }
+      std::copy(in + start, in + start + n, block_values);  // converts to float
+      quantize_block(block_values, n, out + start, scale + block);
     });
   });
 }
@@ -417,15 +422,10 @@ void dequantize_blockwise(const at::Tensor& codes, const at::Tensor& absmax, con
     const uint8_t* in = codes.const_data_ptr<uint8_t>();
     const float* scale = absmax.const_data_ptr<float>();
     scalar_t* values = out.data_ptr<scalar_t>();
-    const int64_t blocks = absmax.numel();
-    parallel_over_blocks(blocks, [&](size_t, int64_t first, int64_t last) {
+    parallel_for_each_block(absmax.numel(), layout, [&](int64_t block, int64_t start, int64_t n) {
       alignas(64) float block_values[kBlockSize];
-      for (int64_t block = first; block < last; ++block) {
-        const int64_t start = layout.start(block);
-        const int64_t n = layout.size(block);
-        dequantize_block(in + start, scale[block], n, block_values);
-        std::copy(block_values, block_values + n, values + start);  // converts to scalar_t
-      }
+      dequantize_block(in + start, scale[block], n, block_values);
+      std::copy(block_values, block_values + n, values + start);  // converts to scalar_t
     });
   });
 }
