@@ -201,3 +201,54 @@ def test_in_place_ops_bump_version_counters():
     versions = (p._version, buf._version, g._version)
     ops.sgd_update_([p], [g], [buf], torch.tensor(0.1), torch.tensor(0.9), 0.0, 0.0, False, False, True)
     assert (p._version, buf._version, g._version) == (versions[0] + 1, versions[1] + 1, versions[2])
+
+
+@pytest.mark.parametrize("case", ["fp32", "8bit", "bf16-stochastic-rounding"])
+def test_compiled_step_over_many_params_matches_eager(case):
+    """Buckets of more params than one compiled op call takes (optim._COMPILED_CALL_SIZE): the compiled step
+    splits them into several calls and gives bit-identical params and state to the eager step, on the first
+    step and later ones (with a non-contiguous param among them). A bf16 bucket with stochastic rounding
+    stays one call, as its noise is keyed by position in the call."""
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    from torchsgd8.optim import _COMPILED_CALL_SIZE
+
+    n = 2 * _COMPILED_CALL_SIZE + 5
+    dtype = torch.bfloat16 if case.startswith("bf16") else torch.float32
+    # 8bit: the (300,) params get 8-bit state, the 77-element ones fp32 buffers (two buckets)
+    shapes = [(300,) if i % 2 else (7, 11) for i in range(n)]
+    kwargs = dict(lr=0.05, momentum=0.9, weight_decay=1e-3, optim_bits=8 if case == "8bit" else 32,
+                  min_8bit_size=256, stochastic_rounding=case.startswith("bf16"))
+
+    def make():
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
+        params[3] = torch.nn.Parameter(torch.randn(11, 7, generator=g).to(dtype).t())  # non-contiguous
+        torch.manual_seed(1)  # the rounding seed
+        return params, torchsgd8.SGD(params, **kwargs)
+
+    backend = AotEagerAndRecordGraphs()
+    results = []
+    for compiled in (False, True):
+        params, opt = make()
+        step = torch.compile(opt.step, backend=backend, fullgraph=True) if compiled else opt.step
+        g = torch.Generator().manual_seed(2)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).to(dtype)
+            step()
+        state = [t for p in params for t in opt.state[p].values() if isinstance(t, torch.Tensor)]
+        results.append([p.detach() for p in params] + state)
+    assert len(results[0]) == len(results[1])
+    for eager, compiled in zip(*results):
+        assert torch.equal(eager, compiled)
+
+    ops_ = (torch.ops.torchsgd8.sgd_update_.default, torch.ops.torchsgd8.sgd8bit_update_.default)
+    assert len(backend.graphs) == 2  # first step, later steps
+    for gm in backend.graphs:
+        sizes = [len(node.args[0]) for node in gm.graph.nodes if node.target in ops_]
+        assert sum(sizes) == n
+        if case.startswith("bf16"):
+            assert sizes == [n]
+        else:
+            assert len(sizes) >= 3 and max(sizes) <= _COMPILED_CALL_SIZE

@@ -38,6 +38,14 @@ _CODEBOOK = signed_dynamic_map()
 # dtypes whose momentum can be kept in 8 bits; others (float64, complex) keep a full-precision buffer.
 _8BIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# Under torch.compile a bucket's op call is split into calls on at most this many params. Inductor's
+# decomposition of the functionalized mutable op (post-grad pass decompose_auto_functionalized, torch 2.13)
+# takes time quadratic in the number of tensors of one call: with 124 params in one bucket it was the
+# largest single compile cost, with 244 params over a third of the whole compile time. The params of a
+# bucket are independent, so the chunks give bit-identical results; eager calls stay whole (one parallel
+# region per bucket).
+_COMPILED_CALL_SIZE = 32
+
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -273,11 +281,17 @@ class SGD(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         # every grad is checked before any state is created or any param changes: a bad grad in the last
         # group must not leave earlier groups updated or new zero state behind
-        for g, group in enumerate(self.param_groups):
+        # (written inline, without a call or an f-string per param, because torch.compile traces this loop
+        # param by param: every bytecode here is paid once per param at compile time)
+        strided = torch.strided
+        param_groups = self.param_groups  # read once: under torch.compile each read re-walks every group
+        for g, group in enumerate(param_groups):
             for i, p in enumerate(group["params"]):
-                if p.grad is not None:
-                    _check_grad(p, p.grad, f"param {i} in group {g}")
-        for group in self.param_groups:
+                grad = p.grad
+                if grad is not None and (grad.layout != strided or grad.dtype != p.dtype or grad.shape != p.shape
+                                         or grad.device != p.device):
+                    _check_grad(p, grad, f"param {i} in group {g}")  # raises with the details
+        for group in param_groups:
             self._update_group(group, grad_scale, found_inf)
         return loss
 
@@ -287,6 +301,7 @@ class SGD(Optimizer):
         buckets: dict[tuple, dict[str, list]] = {}
         staged: list[tuple[Tensor, Tensor]] = []  # (param, contiguous copy) for non-contiguous params
         created: list[Tensor] = []  # params whose state this step creates
+        # traced param by param under torch.compile: .contiguous() only where it makes a copy
         for p in group["params"]:
             grad = p.grad
             if grad is None:
@@ -305,9 +320,14 @@ class SGD(Optimizer):
             if not work.is_contiguous():
                 work = work.contiguous()
                 staged.append((p, work))
-            bucket = buckets.setdefault((p.device, work.dtype, kind, first_step), _new_bucket())
+            if not grad.is_contiguous():
+                grad = grad.contiguous()
+            key = (p.device, work.dtype, kind, first_step)
+            bucket = buckets.get(key)
+            if bucket is None:
+                bucket = buckets[key] = _new_bucket()
             bucket["params"].append(work)
-            bucket["grads"].append(grad.contiguous())
+            bucket["grads"].append(grad)
             if kind == "fp32":
                 bucket["buffers"].append(_local(state["momentum_buffer"]))
             elif kind == "8bit":
@@ -323,13 +343,19 @@ class SGD(Optimizer):
             seed = rounding_seed + (bucket_index << 32) if rounding_seed is not None and dtype == torch.bfloat16 else None
             common = (lr, momentum, float(group["dampening"]), float(group["weight_decay"]),
                       bool(group["nesterov"]), bool(group["maximize"]), first_step, grad_scale, found_inf, seed)
+            # chunked only without a rounding seed: the kernel keys its noise by position in the call
+            n = len(b["params"])
+            size = _COMPILED_CALL_SIZE if seed is None and torch.compiler.is_compiling() else n
+            for i in range(0, n, size):
+                j = i + size
+                if kind == "8bit":
+                    ops.sgd8bit_update_(b["params"][i:j], b["grads"][i:j], b["codes"][i:j], b["absmax"][i:j], *common)
+                else:
+                    ops.sgd_update_(b["params"][i:j], b["grads"][i:j], b["buffers"][i:j], *common)
             if kind == "8bit":
-                ops.sgd8bit_update_(b["params"], b["grads"], b["codes"], b["absmax"], *common)
                 torch._foreach_add_(b["steps"], 1)
                 if found_inf is not None:  # a skipped step does not count, as in torch's fused optimizers
                     torch._foreach_sub_(b["steps"], [found_inf.to(torch.float32).cpu()] * len(b["steps"]))
-            else:
-                ops.sgd_update_(b["params"], b["grads"], b["buffers"], *common)
         for p, work in staged:
             _local(p).copy_(work)
         if rounding_seed is not None and buckets:
