@@ -46,7 +46,9 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(torchsgd8, m) {
   // fp32-precision momentum (buffers in the param dtype, like torch.optim.SGD); momentum_buffers is
-  // empty when momentum == 0. One call updates a whole list of same-device, same-dtype params.
+  // empty when momentum == 0. One call updates a whole list of same-device, same-dtype params. With
+  // first_step the state (buffers; codes and absmax) is output only: never read, always written (zeros
+  // where the step is skipped or the momentum value is 0), so it may be allocated uninitialised.
   m.def(
       "sgd_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor lr, "
       "Tensor momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "

@@ -6,6 +6,7 @@ import torch
 
 import torchsgd8  # noqa: F401  (registers torch.ops.torchsgd8)
 from torchsgd8 import ops
+from torchsgd8.quantization import ZERO_CODE
 
 OPS = torch.ops.torchsgd8
 SIZES = (1, 257, 1000)
@@ -322,13 +323,54 @@ def test_found_inf_leaves_everything_untouched(which, first_step, gen):
     args = make(gen, first_step=first_step)
     args[1][0][0] = float("nan")  # what GradScaler would have found
     args[1][1][5] = float("inf")
+    state_lists = 1 if which == "sgd_update_" else 2  # buffers; or codes and absmax
+    if first_step:
+        # a first step's state is output only: garbage in it must not matter, and a skipped first step
+        # leaves it empty (zeros; the code of 0.0), so an optimizer may allocate it uninitialised
+        for state in args[2:2 + state_lists]:
+            for t in state:
+                t.view(torch.uint8).fill_(0xFF)  # NaN floats, code 255
     snap = _snapshot(args)
     op(*args, grad_scale=torch.tensor(65536.0), found_inf=torch.tensor(1.0))
-    _assert_unchanged(args, snap)
+    if first_step:
+        if which == "sgd_update_":
+            assert all(bool((b == 0).all()) for b in args[2])
+        else:
+            assert all(bool((c == ZERO_CODE).all()) for c in args[2]) and all(bool((a == 0).all()) for a in args[3])
+        _assert_unchanged(args[:2] + args[2 + state_lists:], snap[:2] + snap[2 + state_lists:])
+    else:
+        _assert_unchanged(args, snap)
     # the same call with found_inf == 0 does update (so the check above is not vacuous)
     args[1][0][0] = args[1][1][5] = 0.0
     op(*args, grad_scale=torch.tensor(65536.0), found_inf=torch.tensor(0.0))
     assert not torch.equal(args[0][2], snap[0][2])
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic-rounding"])
+@pytest.mark.parametrize("which", ["sgd_update_", "sgd8bit_update_"])
+def test_first_step_with_momentum_value_0_writes_empty_state(which, stochastic, gen):
+    """A scheduled momentum tensor may be 0 on a param's first step: the update is plain SGD and the state
+    (allocated uninitialised, here filled with garbage) comes out as empty momentum."""
+    make, op = (_sgd_args, ops.sgd_update_) if which == "sgd_update_" else (_sgd8_args, ops.sgd8bit_update_)
+    dtype = torch.bfloat16 if stochastic else torch.float32
+    args = make(gen, dtype, first_step=True)
+    lists = 3 if which == "sgd_update_" else 4  # params, grads, then the state lists
+    args[lists + 1] = torch.tensor(0.0, dtype=torch.float64)  # momentum
+    for state in args[2:lists]:
+        for t in state:
+            t.view(torch.uint8).fill_(0xFF)
+    params = [p.clone() for p in args[0]]
+    seed = torch.tensor(7) if stochastic else None
+    op(*args, rounding_seed=seed)
+    if which == "sgd_update_":
+        assert all(bool((b == 0).all()) for b in args[2])
+    else:
+        assert all(bool((c == ZERO_CODE).all()) for c in args[2]) and all(bool((a == 0).all()) for a in args[3])
+    lr, weight_decay = args[lists].item(), args[lists + 3]
+    for p, before, g in zip(args[0], params, args[1]):
+        want = before.float() - lr * (g.float() + weight_decay * before.float())
+        # bf16 with stochastic rounding: within one bf16 spacing (2**-7 relative)
+        torch.testing.assert_close(p.float(), want, rtol=2**-7 if stochastic else 0, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype,scale", [(torch.float32, 3.0), (torch.float64, 3.0), (torch.bfloat16, 1024.0),

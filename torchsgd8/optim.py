@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _state, ops
-from .quantization import ZERO_CODE, signed_dynamic_map
+from .quantization import signed_dynamic_map
 
 __all__ = ["SGD", "SGD8bit", "SGD32bit"]
 
@@ -257,15 +257,17 @@ class SGD(Optimizer):
     _absmax_shape = staticmethod(_absmax_shape)
 
     def _init_state(self, p: Tensor, group: dict, state: dict) -> None:
+        """State for p's first step. Uninitialised: the ops write all of it on a first step (zeros where
+        that step is skipped), so a compiled first step allocates it without generating fill kernels."""
         local = _local(p)
         if self._wants_8bit(p, group):
             state["step"] = torch.zeros((), dtype=torch.float32)
-            state["state1"] = _like_param(p, torch.full(local.shape, ZERO_CODE, dtype=torch.uint8, device=local.device))
-            local_absmax = torch.zeros(ops.absmax_shape(local.shape, _per_row(p)), dtype=torch.float32, device=local.device)
+            state["state1"] = _like_param(p, torch.empty(local.shape, dtype=torch.uint8, device=local.device))
+            local_absmax = torch.empty(ops.absmax_shape(local.shape, _per_row(p)), dtype=torch.float32, device=local.device)
             state["absmax1"] = _like_param(p, local_absmax, _absmax_shape(p))
             state["qmap1"] = self._qmap(local.device)
         else:
-            state["momentum_buffer"] = _like_param(p, torch.zeros(local.shape, dtype=local.dtype, device=local.device))
+            state["momentum_buffer"] = _like_param(p, torch.empty(local.shape, dtype=local.dtype, device=local.device))
 
     # ---- step --------------------------------------------------------------------------------------
 

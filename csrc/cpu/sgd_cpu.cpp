@@ -44,8 +44,16 @@ void sgd_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     check_same_layout(params, momentum_buffers, "momentum_buffers", /*same_dtype=*/true);
   }
   SgdHyper<double> hyper;
-  if (read_hyper(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, use_momentum,
-                 grad_scale, found_inf, rounding_seed, params, hyper)) {
+  const bool run = read_hyper(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, use_momentum,
+                              grad_scale, found_inf, rounding_seed, params, hyper);
+  if (first_step && !(run && hyper.use_momentum)) {
+    // On a first step the buffers are outputs only (the optimizer allocates them uninitialised); where
+    // the kernel will not write them - a skipped step, a momentum value of 0 - they become empty momentum.
+    for (const at::Tensor& buf : momentum_buffers) {
+      buf.zero_();
+    }
+  }
+  if (run) {
     kernels().sgd_update(as_real(params), as_real(grads), as_real(momentum_buffers), hyper);
   }
 }
@@ -60,7 +68,12 @@ void sgd8bit_update_cpu(at::TensorList params, at::TensorList grads, at::TensorL
   SgdHyper<double> hyper;
   if (read_hyper(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, /*use_momentum=*/true,
                  grad_scale, found_inf, rounding_seed, params, hyper)) {
-    kernels().sgd8bit_update(params, grads, codes, absmax, layouts, hyper);
+    kernels().sgd8bit_update(params, grads, codes, absmax, layouts, hyper);  // writes all state on a first step
+  } else if (first_step) {  // skipped: the uninitialised state becomes empty momentum (see sgd_update_cpu)
+    for (size_t i = 0; i < codes.size(); ++i) {
+      codes[i].fill_(kZeroCode);
+      absmax[i].zero_();
+    }
   }
 }
 

@@ -326,7 +326,9 @@ void update_block_8bit(T* param, const T* grad, uint8_t* code, float* absmax, in
   alignas(64) float buf[kBlockSize];
   const SgdHyper<float> h = hyper;  // local copy: see update_range
   if (h.stochastic_rounding) {  // bf16 only: the rule runs in the scalar stochastic-rounding loop
-    if (!h.first_step) {
+    if (h.first_step) {
+      std::fill(buf, buf + n, 0.0f);  // stays 0 when the momentum value is 0 (the rule leaves it alone)
+    } else {
       dequantize_block(code, *absmax, n, buf);
     }
     update_range(param, grad, buf, n, h, tensor, first_index);
@@ -337,7 +339,7 @@ void update_block_8bit(T* param, const T* grad, uint8_t* code, float* absmax, in
   Vectorized<float> running(0.0f);
   int64_t i = 0;
   for (; i + kStep<float> <= n; i += kStep<float>) {
-    Vectorized<float> p[kParts], g[kParts], b[kParts];
+    Vectorized<float> p[kParts], g[kParts], b[kParts] = {Vectorized<float>(0.0f), Vectorized<float>(0.0f)};
     load_parts(param + i, p);
     load_parts(grad + i, g);
     if (!h.first_step) {
