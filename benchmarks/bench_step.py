@@ -21,7 +21,9 @@ bytes allow).
 
 Methods are interleaved round-robin (the starting method rotates every repetition) so that machine noise
 is spread over all of them, and the median per-step time is reported. Compiled methods compile during
-warm-up; their compile time is the warm-up time beyond ``warmup`` steady-state steps.
+warm-up; their compile time is the warm-up time beyond ``warmup`` steady-state steps. Each run uses a
+fresh Inductor cache, so every compiled method (torch's and ours) compiles cold; ``--warm-cache`` keeps
+the usual cache instead (a cache left by earlier runs favours whichever graphs it holds).
 
 Usage (see benchmarks/README.md):
   python benchmarks/bench_step.py                         # 1M, 16M, 64M params; mixed and single layouts
@@ -33,14 +35,17 @@ Usage (see benchmarks/README.md):
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import gc
 import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -488,6 +493,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="untimed steps first; compiled methods compile here (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="use the usual Inductor cache (default: a fresh one, so compile times are cold)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})")
     parser.add_argument("--isa-default", action="store_true",
                         help=f"re-run with {ISA_ENV}=default (torchsgd8's portable kernels)")
@@ -514,11 +521,14 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+    if not args.warm_cache:  # read by Inductor when it first compiles
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache = tempfile.mkdtemp(prefix="bench-step-inductor-")
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
     threads = torch.get_num_threads()
     info = machine_info()
     print(f"{info['cpu_model']}, {info['cpu_count']} cpus, {threads} torch threads; torch {info['torch_version']}, "
           f"torchsgd8 {info['torchsgd8_version']} ({info['torchsgd8_cpu_isa']}), "
-          f"bitsandbytes {info['bitsandbytes_version']}")
+          f"bitsandbytes {info['bitsandbytes_version']}; Inductor cache: {'warm' if args.warm_cache else 'fresh'}")
 
     if args.check_threads or args.memory_check:
         ok = check_threads() if args.check_threads else True
@@ -537,7 +547,8 @@ def main(argv=None) -> int:
         "machine": info,
         "settings": {"lr": LR, "momentum": MOMENTUM, "sizes": args.sizes, "layouts": args.layouts,
                      "methods": args.methods, "reps": args.reps, "warmup": args.warmup, "threads": threads,
-                     "seed": args.seed, "axpy_bytes_per_element": AXPY_BYTES_PER_ELEMENT},
+                     "seed": args.seed, "axpy_bytes_per_element": AXPY_BYTES_PER_ELEMENT,
+                     "inductor_cache": "warm" if args.warm_cache else "fresh"},
         "results": configs,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
