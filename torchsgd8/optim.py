@@ -145,11 +145,15 @@ def _uses_momentum(momentum: float | Tensor) -> bool:
     return isinstance(momentum, Tensor) or momentum != 0
 
 
-def _check_grad(p: Tensor, grad: Tensor, where: str) -> None:
-    if grad.is_sparse or grad.layout != torch.strided:
-        raise RuntimeError(f"torchsgd8: the grad of {where} is sparse; sparse gradients are not supported "
-                           "(use torch.optim.SGD)")
-    if grad.dtype != p.dtype or grad.shape != p.shape or grad.device != p.device:
+def _check_grad(p: Tensor, grad: Tensor, group_index: int, param_index: int) -> None:
+    """Raises if grad cannot update p. The message is only built on failure: under torch.compile this runs
+    once per param while tracing."""
+    sparse = grad.is_sparse or grad.layout != torch.strided
+    if sparse or grad.dtype != p.dtype or grad.shape != p.shape or grad.device != p.device:
+        where = f"param {param_index} in group {group_index}"
+        if sparse:
+            raise RuntimeError(f"torchsgd8: the grad of {where} is sparse; sparse gradients are not supported "
+                               "(use torch.optim.SGD)")
         raise RuntimeError(
             f"torchsgd8: the grad of {where} ({grad.dtype}, shape {tuple(grad.shape)}, {grad.device}) must match "
             f"its param ({p.dtype}, shape {tuple(p.shape)}, {p.device})"
@@ -283,16 +287,11 @@ class SGD(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         # every grad is checked before any state is created or any param changes: a bad grad in the last
         # group must not leave earlier groups updated or new zero state behind
-        # (written inline, without a call or an f-string per param, because torch.compile traces this loop
-        # param by param: every bytecode here is paid once per param at compile time)
-        strided = torch.strided
         param_groups = self.param_groups  # read once: under torch.compile each read re-walks every group
         for g, group in enumerate(param_groups):
             for i, p in enumerate(group["params"]):
-                grad = p.grad
-                if grad is not None and (grad.layout != strided or grad.dtype != p.dtype or grad.shape != p.shape
-                                         or grad.device != p.device):
-                    _check_grad(p, grad, f"param {i} in group {g}")  # raises with the details
+                if p.grad is not None:
+                    _check_grad(p, p.grad, g, i)
         for group in param_groups:
             self._update_group(group, grad_scale, found_inf)
         return loss
