@@ -28,7 +28,7 @@ the usual cache instead (a cache left by earlier runs favours whichever graphs i
 Usage (see benchmarks/README.md):
   python benchmarks/bench_step.py                         # 1M, 16M, 64M params; mixed and single layouts
   python benchmarks/bench_step.py --sizes 1M --reps 3     # quick check
-  python benchmarks/bench_step.py --isa-default           # torchsgd8's portable kernels instead of AVX2
+  python benchmarks/bench_step.py --isa avx2              # torchsgd8's AVX2 (or default: portable) kernels
   python benchmarks/bench_step.py --check-threads         # 8-bit results identical for 1 and 2 threads
   python benchmarks/bench_step.py --memory-check          # largest allocation during a step
 """
@@ -496,8 +496,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warm-cache", action="store_true",
                         help="use the usual Inductor cache (default: a fresh one, so compile times are cold)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})")
-    parser.add_argument("--isa-default", action="store_true",
-                        help=f"re-run with {ISA_ENV}=default (torchsgd8's portable kernels)")
+    parser.add_argument("--isa", choices=["default", "avx2", "avx512"], default=None,
+                        help=f"re-run with {ISA_ENV}=ISA: torchsgd8's kernels for that instruction set "
+                             "(default: the widest this CPU runs)")
     parser.add_argument("--check-threads", action="store_true",
                         help="only check that torchsgd8 results are bit-identical for 1 and 2 threads")
     parser.add_argument("--memory-check", action="store_true",
@@ -514,9 +515,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.isa_default and os.environ.get(ISA_ENV) != "default":
+    if args.isa and os.environ.get(ISA_ENV) != args.isa:
         # the kernels are chosen once per process, so the choice needs a fresh one
-        env = {**os.environ, ISA_ENV: "default"}
+        env = {**os.environ, ISA_ENV: args.isa}
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -30,7 +30,7 @@ PyObject* built_against_torch(PyObject*, PyObject*) {
 }
 PyMethodDef module_methods[] = {
     {"built_against_torch", built_against_torch, METH_NOARGS, "torch version this library was compiled against."},
-    {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set of the CPU kernels in use (DEFAULT or AVX2)."},
+    {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set of the CPU kernels in use (DEFAULT, AVX2 or AVX512)."},
     {"cuda_kernels_compiled", cuda_kernels_compiled, METH_NOARGS, "Whether CUDA kernels are built in."},
     {nullptr, nullptr, 0, nullptr}};
 }  // namespace

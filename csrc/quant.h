@@ -213,6 +213,37 @@ inline constexpr int32_t kBucketTable[1473] = {
     15728639, 15676211, 15859711, 15781069, 15990783, 15885926, 16121855, 15990784, 16226713, 16383999, 16331571, 16515071, 16436429, 16646143, 16541286, 16718233,
     16908287,
 };
+// The nearest-code rule by arithmetic (the AVX-512 kernels; derivation in torchsgd8/quantization.py):
+// segment s of |x| (codes between two decade boundaries) = kSegmentBelow[E] + (bits(|x|) > kSegmentSplit[E])
+// for |x|'s exponent E (0 below 2^-31); count c = min(trunc(|x| * kSegmentSlope[s] + kSegmentOffset[s]),
+// kSegmentLast[s]), exact unless that sum lies within kSegmentNear of an integer (then: nearest_code).
+constexpr int kSegmentExponentBase = 96;
+constexpr float kSegmentNear = 0x1.0000000000000p-14f;
+// indexed by (exponent of |x|) - kSegmentExponentBase
+inline constexpr int32_t kSegmentBelow[32] = {
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 2, 2, 2, 3,
+    3, 3, 3, 4, 4, 4, 5, 5, 5, 6, 6, 6, 7, 7, 7, 8,
+};
+inline constexpr int32_t kSegmentSplit[32] = {
+    2147483647, 2147483647, 2147483647, 2147483647, 2147483647, 2147483647, 2147483647, 2147483647, 2147483647, 882090935, 2147483647, 905905025, 2147483647, 2147483647, 930301189, 2147483647,
+    2147483647, 2147483647, 956330840, 2147483647, 2147483647, 982634830, 2147483647, 2147483647, 1009585750, 2147483647, 2147483647, 1037209436, 2147483647, 2147483647, 1065294233, 2147483647,
+};
+// indexed by segment
+inline constexpr float kSegmentSlope[16] = {
+    0x0.0p+0f, 0x0.0p+0f, 0x1.b2071c0000000p+17f, 0x1.5b38e40000000p+15f,
+    0x1.15c71c0000000p+13f, 0x1.bc71c80000000p+10f, 0x1.638e380000000p+8f, 0x1.1c71c80000000p+6f,
+    0x0.0p+0f, 0x0.0p+0f, 0x0.0p+0f, 0x0.0p+0f,
+    0x0.0p+0f, 0x0.0p+0f, 0x0.0p+0f, 0x0.0p+0f,
+};
+inline constexpr float kSegmentOffset[16] = {
+    0x1.0000000000000p-1f, 0x1.8000000000000p+0f, 0x1.c71c720000000p+0f, 0x1.c71c720000000p+1f,
+    0x1.c71c720000000p+2f, 0x1.c71c720000000p+3f, 0x1.c71c720000000p+4f, 0x1.c71c720000000p+5f,
+    0x1.0100000000000p+7f, 0x0.0p+0f, 0x0.0p+0f, 0x0.0p+0f,
+    0x0.0p+0f, 0x0.0p+0f, 0x0.0p+0f, 0x0.0p+0f,
+};
+inline constexpr int32_t kSegmentLast[16] = {
+    0, 1, 3, 7, 15, 31, 63, 127, 128, 0, 0, 0, 0, 0, 0, 0,
+};
 // clang-format on
 
 // Nearest code to x (|x| <= 1), ties to the smaller magnitude, in O(1). The map is symmetric apart from

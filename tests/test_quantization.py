@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from torchsgd8 import ops
-from torchsgd8.quantization import (BLOCK_SIZE, ZERO_CODE, absmax_per_element, nearest_code_reference,
+from torchsgd8.quantization import (BLOCK_SIZE, ZERO_CODE, absmax_per_element, nearest_code, nearest_code_reference,
+                                    nearest_code_segments, positive_thresholds, segment_boundaries,
                                     signed_dynamic_map)
 
 QMAP = signed_dynamic_map()
@@ -229,6 +230,74 @@ def test_signed_zero_and_tiny_values_get_code_of_zero():
     assert bits(absmax).tolist() == bits(torch.tensor([1e-40])).tolist()
     assert codes[:2].tolist() == [255, 0] and codes[3].item() == ZERO_CODE
     assert torch.equal(codes, reference_quantize(sub)[0])
+
+
+# --------------------------------------------------------------------------------------------------------
+# the places where a fast nearest-code rule can go wrong: around every threshold and every binade edge
+# (the AVX-512 kernels' decade segments, the AVX2 kernels' buckets), and every float in [0, 1] (slow)
+
+
+def _kernel_codes_of_ratios(ratios: torch.Tensor) -> torch.Tensor:
+    """Kernel codes of float32 ``ratios`` (|r| <= 1) quantized with absmax exactly 1, so v / absmax == r."""
+    codes, absmax = ops.quantize_blockwise(_blocks_with_absmax(ratios, 1.0))
+    assert absmax.eq(1.0).all()
+    return codes.reshape(-1, BLOCK_SIZE)[:, 1:].reshape(-1)[:ratios.numel()]
+
+
+def _ratios_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    bits = bits[(bits >= 0) & (bits <= 0x3F800000)].to(torch.int32)  # floats in [0, 1]
+    magnitudes = bits.view(torch.float32)
+    return torch.cat([magnitudes, -magnitudes])
+
+
+def _near_every_edge() -> torch.Tensor:
+    """Both signs of every float within 2**12 ulps of a threshold, and within 64 ulps of a binade edge."""
+    thresholds = torch.from_numpy(positive_thresholds(QMAP.numpy())[:-1].view("int32").astype("int64"))
+    around = torch.arange(-2**12, 2**12 + 1)
+    edges = torch.arange(0, 128) << 23
+    bits = torch.cat([(thresholds[:, None] + around).reshape(-1), (edges[:, None] + torch.arange(-64, 65)).reshape(-1)])
+    return _ratios_from_bits(bits.unique())
+
+
+def test_codes_are_exact_around_every_threshold_and_binade_edge():
+    ratios = _near_every_edge()
+    assert ratios.numel() > 2_000_000
+    codes = _kernel_codes_of_ratios(ratios)
+    expected = nearest_code(ratios)
+    sample = torch.arange(0, ratios.numel(), 97)
+    assert torch.equal(expected[sample], nearest_code_reference(ratios[sample]))  # the bucket rule is exact
+    mismatch = (codes != expected).nonzero().reshape(-1)
+    assert mismatch.numel() == 0, (
+        f"{mismatch.numel()} codes differ, first ratios {ratios[mismatch[:5]].tolist()}: kernel "
+        f"{codes[mismatch[:5]].tolist()} vs nearest {expected[mismatch[:5]].tolist()}")
+
+
+def test_segment_rule_is_exact_away_from_integers():
+    """The AVX-512 kernels' arithmetic rule (torchsgd8.quantization.nearest_code_segments), checked in Python
+    on any CPU: wherever it does not defer to the lookup it gives the exact code, and it defers rarely."""
+    ratios = _near_every_edge()
+    codes, near = nearest_code_segments(ratios)
+    expected = nearest_code(ratios)
+    assert torch.equal(codes[~near], expected[~near])
+    assert near.any()  # some of these values are within kSegmentNear of an integer position ...
+    # ... and the segment boundaries themselves are found by exact compares
+    boundaries = torch.from_numpy(segment_boundaries(positive_thresholds(QMAP.numpy())).astype("int64"))
+    at_boundaries = _ratios_from_bits(torch.cat([boundaries - 1, boundaries, boundaries + 1]))
+    assert torch.equal(nearest_code_segments(at_boundaries)[0], nearest_code(at_boundaries))
+    uniform = torch.rand(1_000_000, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    codes, near = nearest_code_segments(uniform)
+    assert torch.equal(codes[~near], nearest_code(uniform)[~near])
+    assert near.float().mean().item() < 1e-3  # the fallback is rare on ordinary values
+
+
+@pytest.mark.slow
+def test_codes_are_exact_for_every_float_in_the_unit_interval():
+    chunk = 2**24
+    for start in range(0, 0x3F800000 + 1, chunk):
+        ratios = _ratios_from_bits(torch.arange(start, min(start + chunk, 0x3F800000 + 1), dtype=torch.int64))
+        codes = _kernel_codes_of_ratios(ratios)
+        mismatch = (codes != nearest_code(ratios)).nonzero().reshape(-1)
+        assert mismatch.numel() == 0, f"bits {start:#x}+: ratios {ratios[mismatch[:5]].tolist()}"
 
 
 # --------------------------------------------------------------------------------------------------------

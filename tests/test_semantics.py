@@ -4,8 +4,8 @@ Error metric used throughout (per tensor, params and momentum buffers alike):
 
     rel_err(ours, ref) = max|ours - ref| / max(max|ref|, tiny)
 
-computed in float64. fp32 must be within 1e-6 and fp64 within 1e-12 (the AVX2 kernels are in fact
-bitwise identical to torch for both). bf16/fp16 params are compared against a float32 reference that
+computed in float64. fp32 must be within 1e-6 and fp64 within 1e-12 (the AVX2 and AVX512 kernels are in
+fact bitwise identical to torch for both). bf16/fp16 params are compared against a float32 reference that
 mirrors what our kernel does: torch.optim.SGD on float32 copies whose params and buffers are rounded to
 the low dtype after every step (see LOW_PRECISION_TOL).
 """
@@ -139,12 +139,12 @@ def test_matches_torch_sgd(config, dtype):
     assert not problems
     tol = LOW_PRECISION_TOL.get(dtype, EXACT_TOL.get(dtype))
     assert worst <= tol, f"rel_err {worst:.3e} > {tol:.1e}"
-    if torchsgd8._C.cpu_isa() == "AVX2" and dtype in EXACT_TOL:
+    if torchsgd8._C.cpu_isa() in ("AVX2", "AVX512") and dtype in EXACT_TOL:
         # documented in csrc/sgd_rule.h: same FMAs in the same order as ATen -> the very same bits
         assert worst == 0.0
 
 
-# ---- portable (non-AVX2) kernels, in a subprocess: TORCHSGD8_CPU_ISA is read once per process ------
+# ---- the other kernel sets, in a subprocess: TORCHSGD8_CPU_ISA is read once per process ------------
 
 # fp32/fp64: every combination; bf16/fp16: the momentum ones (the low-dtype load/store paths).
 PORTABLE_CASES = [(c, dt) for c in CONFIGS for dt in (torch.float32, torch.float64)] + [
@@ -160,30 +160,45 @@ def _portable_main():
     print(json.dumps({"isa": torchsgd8._C.cpu_isa(), "results": results}))
 
 
-def test_portable_kernels_match_torch():
-    env = dict(os.environ, TORCHSGD8_CPU_ISA="default")
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+def test_other_kernel_sets_match_torch(isa):
+    if torchsgd8._C.cpu_isa() == isa.upper():
+        pytest.skip(f"{isa} is the kernel set of this process (tested above)")
+    env = dict(os.environ, TORCHSGD8_CPU_ISA=isa)
     proc = subprocess.run([sys.executable, __file__, "--portable"], env=env, capture_output=True, text=True,
                           timeout=300)
+    if proc.returncode != 0 and "but this CPU or build lacks" in proc.stderr:
+        pytest.skip(f"this CPU or build has no {isa} kernels")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["isa"] == "DEFAULT"
+    assert report["isa"] == isa.upper()
     assert [r["case"] for r in report["results"]] == list(range(len(PORTABLE_CASES)))
     for r in report["results"]:
         config, dtype = PORTABLE_CASES[r["case"]]
         assert not r["problems"], (config, dtype, r["problems"])
         tol = LOW_PRECISION_TOL[dtype] if dtype in LOW_DTYPES else 1e-6
+        if isa != "default" and dtype in EXACT_TOL:
+            tol = 0.0  # the SIMD kernels use torch's FMAs in torch's order
         assert r["err"] <= tol, (_config_id(config), dtype, r["err"])
 
 
 def test_default_isa_on_this_machine():
     # Without the override the widest kernels this CPU supports are used; tell which one we tested.
-    assert torchsgd8._C.cpu_isa() in ("DEFAULT", "AVX2")
+    assert torchsgd8._C.cpu_isa() in ("DEFAULT", "AVX2", "AVX512")
     if os.environ.get("TORCHSGD8_CPU_ISA") is None:
         import platform
 
-        flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-        if platform.machine() in ("x86_64", "AMD64") and " avx2" in flags and " fma" in flags:
-            assert torchsgd8._C.cpu_isa() == "AVX2"
+        flags = set()
+        if os.path.exists("/proc/cpuinfo"):
+            for line in open("/proc/cpuinfo"):
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+        if platform.machine() in ("x86_64", "AMD64"):
+            if {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vbmi"} <= flags:
+                assert torchsgd8._C.cpu_isa() == "AVX512"
+            elif {"avx2", "fma", "f16c"} <= flags:
+                assert torchsgd8._C.cpu_isa() == "AVX2"
 
 
 # ---- non-finite gradients ---------------------------------------------------------------------------

@@ -8,14 +8,19 @@ c(|x|) = number of positive thresholds below |x|, and code = 127 + c (x >= 0) or
 c is found without a search: the top bits of |x| (exponent and 6 mantissa bits) index a bucket, every
 bucket holds at most one threshold (asserted here), and kBucketTable[bucket] packs the count of
 thresholds below the bucket with the low bits of the one inside it: c = base + (low(|x|) > low).
+The kSegment* tables serve the AVX-512 kernels, which find c by arithmetic (see torchsgd8.quantization).
 """
 import numpy as np
 
 from torchsgd8.quantization import (
     BUCKET_SHIFT,
+    SEGMENT_EXPONENT_BASE,
+    SEGMENT_NEAR,
     bucket_offset,
     bucket_table,
     positive_thresholds,
+    segment_exponent_tables,
+    segment_linear_tables,
     signed_dynamic_map,
 )
 
@@ -31,10 +36,23 @@ def c_ints(values):
 
 
 qmap = signed_dynamic_map().numpy()
-table = bucket_table(positive_thresholds(qmap))
+thresholds = positive_thresholds(qmap)
+table = bucket_table(thresholds)
 print("inline constexpr float kSignedDynamicMap[256] = {\n" + c_floats(qmap) + "\n};")
 print(f"constexpr int kBucketShift = {BUCKET_SHIFT};")
 print(f"constexpr int kBucketOffset = {bucket_offset()};")
 print(f"constexpr int kNumBuckets = {len(table)};")
 print("// base << kBucketShift | low bits of the bucket's threshold (all ones: none in the bucket)")
 print(f"inline constexpr int32_t kBucketTable[{len(table)}] = {{\n" + c_ints(table) + "\n};")
+
+below, split = segment_exponent_tables(thresholds)
+slope, offset, last = segment_linear_tables()
+print(f"constexpr int kSegmentExponentBase = {SEGMENT_EXPONENT_BASE};")
+print(f"constexpr float kSegmentNear = {float(SEGMENT_NEAR).hex()}f;")
+print("// indexed by (exponent of |x|) - kSegmentExponentBase")
+print("inline constexpr int32_t kSegmentBelow[32] = {\n" + c_ints(below) + "\n};")
+print("inline constexpr int32_t kSegmentSplit[32] = {\n" + c_ints(split) + "\n};")
+print("// indexed by segment")
+print("inline constexpr float kSegmentSlope[16] = {\n" + c_floats(slope) + "\n};")
+print("inline constexpr float kSegmentOffset[16] = {\n" + c_floats(offset) + "\n};")
+print("inline constexpr int32_t kSegmentLast[16] = {\n" + c_ints(last) + "\n};")

@@ -124,3 +124,72 @@ def nearest_code_reference(x: torch.Tensor, qmap: torch.Tensor | None = None) ->
     # among the codes at the minimal distance, pick the one of smallest magnitude
     candidates = torch.where(dist == best, q.abs().expand_as(dist), torch.full_like(dist, float("inf")))
     return candidates.argmin(dim=1).to(torch.uint8).reshape(x.shape)
+
+
+# ---- the segment form of the nearest-code rule (the AVX-512 kernels; see csrc/quant.h) ----
+# The positive codes come in 7 decades of evenly spaced values, so inside decade k the count of thresholds
+# below |x| is a linear function of |x| rounded down. A "segment" is a run of codes between two decade
+# boundaries (the thresholds 0|P1, P1|P2, P3|P4, ..., P127|1.0); segment s covers magnitude counts
+# [first, last]. |x|'s exponent E (96 <= E <= 127, tables indexed by E & 31) gives the segment up to one
+# boundary inside its binade, then one compare settles it. The count is then trunc(|x| * slope + offset)
+# clamped to the segment's last count, exact except within SEGMENT_NEAR of an integer, where the kernels
+# fall back to the bucket lookup.
+SEGMENT_EXPONENT_BASE = 96  # magnitudes below 2**-31 are all in segment 0 (code of 0.0)
+SEGMENT_DECADE_FIRST = [2**k for k in range(7)]  # first count of decade k; its segment is k + 1
+SEGMENT_NEAR = 2.0**-14  # 8x the largest distance from an integer where trunc is wrong (7.6e-6)
+
+
+def segment_boundaries(thresholds: np.ndarray) -> np.ndarray:
+    """The 8 thresholds between segments, as float32 bit patterns (uint32)."""
+    return thresholds[[0, 1, 3, 7, 15, 31, 63, 127]].view(np.uint32)
+
+
+def segment_exponent_tables(thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(below, split), each 32 int32 indexed by E - 96: below = segments wholly beneath the binade
+    [2**(E-127), 2**(E-126)); split = the bits of the one boundary inside it (0x7fffffff: none), so the
+    segment of |x| is below + (bits(|x|) > split). E = 255 (NaN, inf) reads index 31, the binade of 1.0."""
+    bounds = segment_boundaries(thresholds).astype(np.int64)
+    assert bounds[0] >= SEGMENT_EXPONENT_BASE << 23
+    below, split = [], []
+    for index in range(32):
+        lo, hi = (SEGMENT_EXPONENT_BASE + index) << 23, (SEGMENT_EXPONENT_BASE + index + 1) << 23
+        inside = bounds[(bounds >= lo) & (bounds < hi)]
+        assert len(inside) <= 1, f"binade {index} holds {len(inside)} segment boundaries"
+        below.append(np.count_nonzero(bounds < lo))
+        split.append(inside[0] if len(inside) else 0x7FFFFFFF)
+    return np.asarray(below, dtype=np.int32), np.asarray(split, dtype=np.int64).astype(np.int32)
+
+
+def segment_linear_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(slope, offset, last), 16 entries indexed by segment (9 used): count = min(trunc(|x| * slope +
+    offset), last). Segments without thresholds inside (0.0, the first code, 1.0) have slope 0 and an
+    offset half-way between integers, so they never look "near" one."""
+    slope = np.zeros(16, dtype=np.float32)
+    offset = np.zeros(16, dtype=np.float32)
+    last = np.zeros(16, dtype=np.int32)
+    offset[0], offset[1], offset[8] = 0.5, 1.5, 128.5
+    last[0], last[1], last[8] = 0, 1, 128
+    for k in range(1, 7):
+        # decade k: thresholds at 10**(k-6) * (0.1 + j * 0.9 / 2**k), j = 1 .. 2**k - 1 (edges of linspace)
+        n = 2**k
+        slope[k + 1] = np.float32(10.0 ** (6 - k) * n / 0.9)
+        offset[k + 1] = np.float32(n - 0.1 * n / 0.9)
+        last[k + 1] = 2 * n - 1
+    return slope, offset, last
+
+
+def nearest_code_segments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The AVX-512 kernels' fast path, in PyTorch (for tests): (codes, near) for float32 ``x`` (already
+    divided by absmax, so |x| <= 1 or NaN); where ``near`` is set the kernels use nearest_code instead."""
+    thresholds = positive_thresholds(signed_dynamic_map().numpy())
+    below, split = (torch.from_numpy(t.astype(np.int64)) for t in segment_exponent_tables(thresholds))
+    slope, offset, last = (torch.from_numpy(t) for t in segment_linear_tables())
+    bits = x.to(torch.float32).view(torch.int32).long() & 0x7FFFFFFF
+    index = (bits >> 23) & 31
+    segment = torch.where(bits >= SEGMENT_EXPONENT_BASE << 23, below[index] + (bits > split[index]).long(), 0)
+    magnitude = bits.to(torch.int32).view(torch.float32).double()
+    g = (magnitude * slope[segment].double() + offset[segment].double()).float()  # one rounding, like an FMA
+    near = (g - g.round()).abs() < SEGMENT_NEAR
+    c = torch.minimum(g.nan_to_num(nan=1e9).trunc().long(), last[segment].long())
+    codes = torch.where(x < 0, ZERO_CODE - c.clamp(max=127), ZERO_CODE + c).to(torch.uint8)
+    return codes, near

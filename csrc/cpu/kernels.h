@@ -32,8 +32,13 @@ namespace AVX2 {
 extern const KernelTable kKernels;
 }
 #endif
+#if defined(TORCHSGD8_HAVE_AVX512)
+namespace AVX512 {
+extern const KernelTable kKernels;
+}
+#endif
 
-// The table used by the ops: the widest ISA this CPU supports, unless TORCHSGD8_CPU_ISA=default.
+// The table used by the ops: the widest ISA this CPU supports, unless TORCHSGD8_CPU_ISA names another.
 const KernelTable& kernels();
 
 }  // namespace torchsgd8::cpu

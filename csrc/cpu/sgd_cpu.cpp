@@ -20,13 +20,32 @@ bool cpu_supports_avx2() {
 #endif
 }
 
+bool cpu_supports_avx512() {
+#if defined(TORCHSGD8_HAVE_AVX512) && (defined(__GNUC__) || defined(__clang__))
+  return cpu_supports_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vbmi");
+#else
+  return false;
+#endif
+}
+
+// TORCHSGD8_CPU_ISA=default|avx2|avx512 forces a kernel set (for tests and benchmarks); unset, the widest
+// one this CPU runs is used.
 const KernelTable& select_kernels() {
   const char* forced = std::getenv("TORCHSGD8_CPU_ISA");
   const std::string choice = forced ? forced : "";
-  TORCH_CHECK(choice.empty() || choice == "default" || choice == "avx2",
-              "torchsgd8: TORCHSGD8_CPU_ISA must be 'default' or 'avx2', got '", choice, "'");
+  TORCH_CHECK(choice.empty() || choice == "default" || choice == "avx2" || choice == "avx512",
+              "torchsgd8: TORCHSGD8_CPU_ISA must be 'default', 'avx2' or 'avx512', got '", choice, "'");
+#if defined(TORCHSGD8_HAVE_AVX512)
+  if ((choice.empty() || choice == "avx512") && cpu_supports_avx512()) {
+    return AVX512::kKernels;
+  }
+#endif
+  TORCH_CHECK(choice != "avx512", "torchsgd8: TORCHSGD8_CPU_ISA=avx512 but this CPU or build lacks AVX-512 ",
+              "(F, BW, VL, DQ and VBMI)");
 #if defined(TORCHSGD8_HAVE_AVX2)
-  if (choice != "default" && cpu_supports_avx2()) {
+  if ((choice.empty() || choice == "avx2") && cpu_supports_avx2()) {
     return AVX2::kKernels;
   }
 #endif

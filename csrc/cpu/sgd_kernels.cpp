@@ -1,4 +1,4 @@
-// CPU kernels, compiled once per instruction set: CPU_CAPABILITY names the copy (DEFAULT, AVX2) and
+// CPU kernels, compiled once per instruction set: CPU_CAPABILITY names the copy (DEFAULT, AVX2, AVX512) and
 // selects at::vec's implementation, exactly as ATen builds its own kernels.
 //
 // Work is split into 256-element blocks across all tensors of a call, so one at::parallel_for covers a
@@ -11,7 +11,9 @@
 #include <c10/util/irange.h>
 
 #include <algorithm>
-#if defined(CPU_CAPABILITY_AVX2)
+#include <array>
+#include <bit>
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
 #endif
 #include <type_traits>
@@ -25,7 +27,7 @@
 #define CPU_CAPABILITY DEFAULT
 #endif
 
-#if !defined(CPU_CAPABILITY_AVX2)
+#if !defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
 namespace torchsgd8 {
 // The portable at::vec::fmadd rounds twice; the rule promises torch's single rounding (and the same bits
 // as the scalar tails), so fuse lane by lane.
@@ -213,88 +215,242 @@ inline float block_absmax(const float* v, int64_t n) {
   return canonical_nan(result);
 }
 
-#if defined(CPU_CAPABILITY_AVX2)
-// nearest_code() for 8 lanes: one gather from the 6 KiB bucket table (L1-resident).
-inline void quantize_normalised_avx2(const float* v, float absmax, int64_t n, uint8_t* codes, int64_t& i) {
-  const __m256 scale = _mm256_set1_ps(absmax);
-  const __m256i magnitude_mask = _mm256_set1_epi32(0x7fffffff);
-  const __m256i low_mask = _mm256_set1_epi32(static_cast<int>(kLowMask));
-  const __m256i offset = _mm256_set1_epi32(kBucketOffset);
-  const __m256i last_bucket = _mm256_set1_epi32(kNumBuckets - 1);
-  const __m256i zero_code = _mm256_set1_epi32(kZeroCode);
-  for (; i + 8 <= n; i += 8) {
-    const __m256 x = _mm256_div_ps(_mm256_loadu_ps(v + i), scale);
-    const __m256i bits = _mm256_and_si256(_mm256_castps_si256(x), magnitude_mask);
-    __m256i bucket = _mm256_sub_epi32(_mm256_srli_epi32(bits, kBucketShift), offset);
-    bucket = _mm256_min_epi32(_mm256_max_epi32(bucket, _mm256_setzero_si256()), last_bucket);
-    const __m256i entry = _mm256_i32gather_epi32(kBucketTable, bucket, 4);
-    const __m256i above = _mm256_cmpgt_epi32(_mm256_and_si256(bits, low_mask), _mm256_and_si256(entry, low_mask));
-    const __m256i c = _mm256_sub_epi32(_mm256_srli_epi32(entry, kBucketShift), above);  // true is -1
-    const __m256i negative = _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ));
-    const __m256i code = _mm256_blendv_epi8(_mm256_add_epi32(zero_code, c),
-                                            _mm256_sub_epi32(zero_code, _mm256_min_epi32(c, zero_code)), negative);
-    const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i), _mm_packus_epi16(words, words));
+// ---- Codec: 8-bit (de)quantization of one block, per instruction set ----
+// A Codec holds what its ISA keeps in registers while (de)quantizing; one is built per parallel range.
+// Every variant gives the same bits: the codebook value times absmax (one rounding) to dequantize, the
+// exact nearest code of v / absmax (IEEE division) to quantize.
+
+#if defined(CPU_CAPABILITY_AVX512)
+// AVX-512 (F, BW, DQ, VL and VBMI): no gathers, which cost about as much as the memory traffic here.
+//  * Dequantize 64 codes at once: byte p of every codebook value forms a 256-byte "plane", and VBMI's
+//    two-table byte permute looks up 64 bytes in 128 at once, so 4 planes x 2 halves give 64 floats' bytes,
+//    interleaved back into floats by unpacks (the codes are pre-permuted so the floats come out in order).
+//  * Quantize 16 lanes by arithmetic (the kSegment* tables of quant.h, each one or two registers): the
+//    count of thresholds below |x| is linear inside a decade; lanes whose linear estimate lies within
+//    kSegmentNear of an integer (about 1 in 4,000 random values) take the scalar nearest_code instead.
+
+struct CodebookPlanes {
+  alignas(64) uint8_t bytes[4][256];  // bytes[p][c] = byte p of kSignedDynamicMap[c]
+  alignas(64) uint8_t order[64];      // code order that makes the unpacks below yield elements in order
+};
+
+constexpr CodebookPlanes make_codebook_planes() {
+  CodebookPlanes planes{};
+  for (int c = 0; c < 256; ++c) {
+    const auto bits = std::bit_cast<uint32_t>(kSignedDynamicMap[c]);
+    for (int p = 0; p < 4; ++p) {
+      planes.bytes[p][c] = static_cast<uint8_t>(bits >> (8 * p));
+    }
   }
+  // Unpacking bytes to words to dwords works within 128-bit lanes: output vector q, lane l holds the bytes
+  // at 16 l + 4 q + r (r < 4), and must hold element 16 q + 4 l + r.
+  for (int l = 0; l < 4; ++l) {
+    for (int q = 0; q < 4; ++q) {
+      for (int r = 0; r < 4; ++r) {
+        planes.order[16 * l + 4 * q + r] = static_cast<uint8_t>(16 * q + 4 * l + r);
+      }
+    }
+  }
+  return planes;
 }
 
-inline void dequantize_avx2(const uint8_t* codes, float absmax, int64_t n, float* out, int64_t& i) {
-  const __m256 scale = _mm256_set1_ps(absmax);
-  for (; i + 8 <= n; i += 8) {
-    const __m256i index = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i)));
-    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_i32gather_ps(kSignedDynamicMap, index, 4), scale));
-  }
+constexpr CodebookPlanes kCodebookPlanes = make_codebook_planes();
+
+inline __mmask16 first_lanes16(int64_t n) {
+  return n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1);
 }
+
+struct Codec {
+  static constexpr int64_t kChunk = 64;  // elements decoded at once
+  __m512i planes[4][4];                  // [byte][quarter of the 256-entry table]
+  __m512i order;
+  __m512i below[2], split[2], last;
+  __m512 slope, offset;
+
+  Codec() {
+    for (int p = 0; p < 4; ++p) {
+      for (int quarter = 0; quarter < 4; ++quarter) {
+        planes[p][quarter] = _mm512_load_si512(kCodebookPlanes.bytes[p] + 64 * quarter);
+      }
+    }
+    order = _mm512_load_si512(kCodebookPlanes.order);
+    for (int half = 0; half < 2; ++half) {
+      below[half] = _mm512_loadu_si512(kSegmentBelow + 16 * half);
+      split[half] = _mm512_loadu_si512(kSegmentSplit + 16 * half);
+    }
+    last = _mm512_loadu_si512(kSegmentLast);
+    slope = _mm512_loadu_ps(kSegmentSlope);
+    offset = _mm512_loadu_ps(kSegmentOffset);
+  }
+
+  // Codes 0..63 -> out[k] = elements 16 k .. 16 k + 15, times absmax.
+  void decode_chunk(const __m512i raw_codes, float absmax, Vectorized<float> (&out)[4]) const {
+    const __m512i codes = _mm512_permutexvar_epi8(order, raw_codes);
+    const __mmask64 upper_half = _mm512_movepi8_mask(codes);  // codes >= 128
+    __m512i bytes[4];
+    for (int p = 0; p < 4; ++p) {
+      bytes[p] = _mm512_mask_blend_epi8(upper_half, _mm512_permutex2var_epi8(planes[p][0], codes, planes[p][1]),
+                                        _mm512_permutex2var_epi8(planes[p][2], codes, planes[p][3]));
+    }
+    const __m512i low01 = _mm512_unpacklo_epi8(bytes[0], bytes[1]);
+    const __m512i high01 = _mm512_unpackhi_epi8(bytes[0], bytes[1]);
+    const __m512i low23 = _mm512_unpacklo_epi8(bytes[2], bytes[3]);
+    const __m512i high23 = _mm512_unpackhi_epi8(bytes[2], bytes[3]);
+    const __m512 scale = _mm512_set1_ps(absmax);
+    out[0] = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(low01, low23)), scale);
+    out[1] = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(low01, low23)), scale);
+    out[2] = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(high01, high23)), scale);
+    out[3] = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(high01, high23)), scale);
+  }
+  void decode_chunk(const uint8_t* codes, float absmax, Vectorized<float> (&out)[4]) const {
+    decode_chunk(_mm512_loadu_si512(codes), absmax, out);
+  }
+
+  void dequantize(const uint8_t* codes, float absmax, int64_t n, float* out) const {
+    for (int64_t i = 0; i < n; i += kChunk) {
+      const int64_t rest = std::min<int64_t>(n - i, kChunk);
+      const __mmask64 bytes = rest == kChunk ? ~__mmask64(0) : (__mmask64(1) << rest) - 1;
+      Vectorized<float> values[4];
+      decode_chunk(_mm512_maskz_loadu_epi8(bytes, codes + i), absmax, values);
+      for (int k = 0; k < 4; ++k) {
+        _mm512_mask_storeu_ps(out + i + 16 * k, first_lanes16(rest - 16 * k), values[k]);  // no lanes past n
+      }
+    }
+  }
+
+  // Codes of 16 values x = v / absmax (|x| <= 1, or NaN).
+  __m128i codes16(__m512 x) const {
+    const __m512i bits = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff));
+    // The exponent tables read index bits 0-4: E - 96 for E in [96, 127], and 31 (the binade of 1.0) for
+    // NaN's E = 255; smaller magnitudes are segment 0.
+    const __m512i exponent = _mm512_srli_epi32(bits, 23);
+    const __mmask16 normal = _mm512_cmpge_epu32_mask(bits, _mm512_set1_epi32(kSegmentExponentBase << 23));
+    __m512i segment = _mm512_maskz_permutex2var_epi32(normal, below[0], exponent, below[1]);
+    const __mmask16 above_split =
+        _mm512_cmpgt_epi32_mask(bits, _mm512_permutex2var_epi32(split[0], exponent, split[1]));
+    segment = _mm512_mask_add_epi32(segment, above_split, segment, _mm512_set1_epi32(1));
+    const __m512 position = _mm512_fmadd_ps(_mm512_castsi512_ps(bits), _mm512_permutexvar_ps(segment, slope),
+                                            _mm512_permutexvar_ps(segment, offset));
+    // NaN positions convert to 0xffffffff, which the minimum turns into the last count (code 255).
+    const __m512i count = _mm512_min_epu32(_mm512_cvttps_epu32(position), _mm512_permutexvar_epi32(segment, last));
+    const __m512i zero_code = _mm512_set1_epi32(kZeroCode);
+    const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+    __m128i codes = _mm512_cvtepi32_epi8(_mm512_mask_sub_epi32(_mm512_add_epi32(zero_code, count), negative, zero_code,
+                                                               _mm512_min_epi32(count, zero_code)));
+    const __m512 from_integer = _mm512_reduce_ps(position, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __mmask16 near =
+        _mm512_cmp_ps_mask(_mm512_abs_ps(from_integer), _mm512_set1_ps(kSegmentNear), _CMP_LT_OQ);
+    if (near != 0) [[unlikely]] {
+      alignas(64) float lanes[16];
+      alignas(16) uint8_t result[16];
+      _mm512_store_ps(lanes, x);
+      _mm_store_si128(reinterpret_cast<__m128i*>(result), codes);
+      for (int j = 0; j < 16; ++j) {
+        if ((near >> j) & 1) {
+          result[j] = nearest_code(lanes[j]);
+        }
+      }
+      codes = _mm_load_si128(reinterpret_cast<const __m128i*>(result));
+    }
+    return codes;
+  }
+
+  void quantize(const float* v, float absmax, int64_t n, uint8_t* codes) const {
+    const __m512 scale = _mm512_set1_ps(absmax);
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 lanes = first_lanes16(n - i);
+      _mm_mask_storeu_epi8(codes + i, lanes, codes16(_mm512_div_ps(_mm512_maskz_loadu_ps(lanes, v + i), scale)));
+    }
+  }
+};
+
+#else  // DEFAULT and AVX2
+
+struct Codec {
+  static constexpr int64_t kChunk = kStep<float>;
+
+  // kParts float vectors of dequantized codes (one step of the SIMD loops).
+  void decode_chunk(const uint8_t* codes, float absmax, Vectorized<float> (&out)[kParts]) const {
+#if defined(CPU_CAPABILITY_AVX2)
+    const __m256 scale = _mm256_set1_ps(absmax);
+    for (int k = 0; k < kParts; ++k) {
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * k));
+      const __m256 q = _mm256_i32gather_ps(kSignedDynamicMap, _mm256_cvtepu8_epi32(bytes), 4);
+      out[k] = Vectorized<float>(_mm256_mul_ps(q, scale));
+    }
+#else
+    alignas(64) float values[kChunk];
+    dequantize(codes, absmax, kChunk, values);
+    for (int k = 0; k < kParts; ++k) {
+      out[k] = Vectorized<float>::loadu(values + k * Vectorized<float>::size());
+    }
+#endif
+  }
+
+  void dequantize(const uint8_t* codes, float absmax, int64_t n, float* out) const {
+    int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+    const __m256 scale = _mm256_set1_ps(absmax);
+    for (; i + 8 <= n; i += 8) {
+      const __m256i index = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i)));
+      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_i32gather_ps(kSignedDynamicMap, index, 4), scale));
+    }
+#endif
+    for (; i < n; ++i) {
+      out[i] = dequantize_value(codes[i], absmax);
+    }
+  }
+
+  void quantize(const float* v, float absmax, int64_t n, uint8_t* codes) const {
+    int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+    // nearest_code() for 8 lanes: one gather from the 6 KiB bucket table (L1-resident).
+    const __m256 scale = _mm256_set1_ps(absmax);
+    const __m256i magnitude_mask = _mm256_set1_epi32(0x7fffffff);
+    const __m256i low_mask = _mm256_set1_epi32(static_cast<int>(kLowMask));
+    const __m256i offset = _mm256_set1_epi32(kBucketOffset);
+    const __m256i last_bucket = _mm256_set1_epi32(kNumBuckets - 1);
+    const __m256i zero_code = _mm256_set1_epi32(kZeroCode);
+    for (; i + 8 <= n; i += 8) {
+      const __m256 x = _mm256_div_ps(_mm256_loadu_ps(v + i), scale);
+      const __m256i bits = _mm256_and_si256(_mm256_castps_si256(x), magnitude_mask);
+      __m256i bucket = _mm256_sub_epi32(_mm256_srli_epi32(bits, kBucketShift), offset);
+      bucket = _mm256_min_epi32(_mm256_max_epi32(bucket, _mm256_setzero_si256()), last_bucket);
+      const __m256i entry = _mm256_i32gather_epi32(kBucketTable, bucket, 4);
+      const __m256i above =
+          _mm256_cmpgt_epi32(_mm256_and_si256(bits, low_mask), _mm256_and_si256(entry, low_mask));
+      const __m256i c = _mm256_sub_epi32(_mm256_srli_epi32(entry, kBucketShift), above);  // true is -1
+      const __m256i negative = _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ));
+      const __m256i code = _mm256_blendv_epi8(_mm256_add_epi32(zero_code, c),
+                                              _mm256_sub_epi32(zero_code, _mm256_min_epi32(c, zero_code)), negative);
+      const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i), _mm_packus_epi16(words, words));
+    }
+#endif
+    for (; i < n; ++i) {
+      codes[i] = nearest_code(v[i] / absmax);
+    }
+  }
+};
+
 #endif
 
-inline void dequantize_block(const uint8_t* codes, float absmax, int64_t n, float* out) {
-  int64_t i = 0;
-#if defined(CPU_CAPABILITY_AVX2)
-  dequantize_avx2(codes, absmax, n, out, i);
-#endif
-  for (; i < n; ++i) {
-    out[i] = dequantize_value(codes[i], absmax);
-  }
-}
+constexpr int kChunkVectors = Codec::kChunk / Vectorized<float>::size();
+static_assert(kChunkVectors % kParts == 0);
 
 // Codes of a block whose absmax is already known.
-inline void quantize_with_absmax(const float* v, int64_t n, float a, uint8_t* codes) {
-  if (a == 0.0f) {
+inline void quantize_with_absmax(const Codec& codec, const float* v, int64_t n, float absmax, uint8_t* codes) {
+  if (absmax == 0.0f) {
     std::fill(codes, codes + n, kZeroCode);
     return;
   }
-  int64_t i = 0;
-#if defined(CPU_CAPABILITY_AVX2)
-  quantize_normalised_avx2(v, a, n, codes, i);
-#endif
-  for (; i < n; ++i) {
-    codes[i] = nearest_code(v[i] / a);
-  }
+  codec.quantize(v, absmax, n, codes);
 }
 
-inline void quantize_block(const float* v, int64_t n, uint8_t* codes, float* absmax) {
+inline void quantize_block(const Codec& codec, const float* v, int64_t n, uint8_t* codes, float* absmax) {
   *absmax = block_absmax(v, n);
-  quantize_with_absmax(v, n, *absmax, codes);
+  quantize_with_absmax(codec, v, n, *absmax, codes);
 }
-
-// kParts float vectors of dequantized codes (one step of the SIMD loops).
-inline void load_dequantized(const uint8_t* codes, float absmax, Vectorized<float> (&v)[kParts]) {
-#if defined(CPU_CAPABILITY_AVX2)
-  const __m256 scale = _mm256_set1_ps(absmax);
-  for (int k = 0; k < kParts; ++k) {
-    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * k));
-    const __m256 q = _mm256_i32gather_ps(kSignedDynamicMap, _mm256_cvtepu8_epi32(bytes), 4);
-    v[k] = Vectorized<float>(_mm256_mul_ps(q, scale));
-  }
-#else
-  alignas(64) float values[kStep<float>];
-  dequantize_block(codes, absmax, kStep<float>, values);
-  for (int k = 0; k < kParts; ++k) {
-    v[k] = Vectorized<float>::loadu(values + k * Vectorized<float>::size());
-  }
-#endif
-}
-
 
 template <typename T>
 using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -318,56 +474,81 @@ void sgd_update(at::TensorList params, at::TensorList grads, at::TensorList mome
   });
 }
 
-// One 256-element block of the 8-bit step in one pass: dequantize the old buffer, apply the rule, track
-// the new absmax, then requantize from a 1 KiB stack copy of the new buffer (L1-resident).
+// The 8-bit step for Codec::kChunk elements: decode the old buffer, apply the rule, store the params and
+// the new buffer (float) into `buf`, and with kTrack fold |buf| into `running`.
+template <bool kTrack, typename T>
+inline void update_chunk_8bit(T* param, const T* grad, const uint8_t* code, float* buf, float old_absmax,
+                              const SgdHyper<float>& h, const Codec& codec, Vectorized<float>& running) {
+  Vectorized<float> b[kChunkVectors];
+  if (h.first_step) {
+    std::fill(b, b + kChunkVectors, Vectorized<float>(0.0f));  // stays 0 when the momentum value is 0
+  } else {
+    codec.decode_chunk(code, old_absmax, b);
+  }
+  for (int j = 0; j < kChunkVectors; j += kParts) {
+    const int64_t offset = j * Vectorized<float>::size();
+    Vectorized<float> p[kParts], g[kParts];
+    load_parts(param + offset, p);
+    load_parts(grad + offset, g);
+    for (int k = 0; k < kParts; ++k) {
+      p[k] = sgd_rule(p[k], g[k], b[j + k], h);
+      if constexpr (kTrack) {
+        running = at::vec::maximum(running, b[j + k].abs());  // maximum propagates NaN
+      }
+      b[j + k].store(buf + offset + k * Vectorized<float>::size());
+    }
+    store_parts(param + offset, p);
+  }
+}
+
+// One block (at most kBlockSize elements) of the 8-bit step: chunks straight from memory, the last partial
+// chunk through zero-padded stack copies, then the new absmax, then the codes from the block's new
+// buffer in a 1 KiB stack array (L1-resident).
 template <typename T>
 void update_block_8bit(T* param, const T* grad, uint8_t* code, float* absmax, int64_t n,
-                       const SgdHyper<float>& hyper, uint32_t tensor, int64_t first_index) {
+                       const SgdHyper<float>& hyper, uint32_t tensor, int64_t first_index, const Codec& codec) {
   alignas(64) float buf[kBlockSize];
   const SgdHyper<float> h = hyper;  // local copy: see update_range
   if (h.stochastic_rounding) {  // bf16 only: the rule runs in the scalar stochastic-rounding loop
     if (h.first_step) {
       std::fill(buf, buf + n, 0.0f);  // stays 0 when the momentum value is 0 (the rule leaves it alone)
     } else {
-      dequantize_block(code, *absmax, n, buf);
+      codec.dequantize(code, *absmax, n, buf);
     }
     update_range(param, grad, buf, n, h, tensor, first_index);
-    quantize_block(buf, n, code, absmax);
+    quantize_block(codec, buf, n, code, absmax);
     return;
   }
   const float old_absmax = *absmax;
   Vectorized<float> running(0.0f);
   int64_t i = 0;
-  for (; i + kStep<float> <= n; i += kStep<float>) {
-    Vectorized<float> p[kParts], g[kParts], b[kParts] = {Vectorized<float>(0.0f), Vectorized<float>(0.0f)};
-    load_parts(param + i, p);
-    load_parts(grad + i, g);
-    if (!h.first_step) {
-      load_dequantized(code + i, old_absmax, b);
-    }
-    for (int k = 0; k < kParts; ++k) {
-      p[k] = sgd_rule(p[k], g[k], b[k], h);
-      running = at::vec::maximum(running, b[k].abs());  // maximum propagates NaN
-      b[k].store(buf + i + k * Vectorized<float>::size());
-    }
-    store_parts(param + i, p);
+  for (; i + Codec::kChunk <= n; i += Codec::kChunk) {
+    update_chunk_8bit<true>(param + i, grad + i, code + i, buf + i, old_absmax, h, codec, running);
   }
   float new_absmax = reduce_absmax(running);
-  for (; i < n; ++i) {
-    float b = h.first_step ? 0.0f : dequantize_value(code[i], old_absmax);
-    param[i] = static_cast<T>(sgd_rule(static_cast<float>(param[i]), static_cast<float>(grad[i]), b, h));
-    buf[i] = b;
-    new_absmax = absmax_accumulate(new_absmax, b);
+  if (i < n) {
+    const int64_t rest = n - i;
+    T param_pad[Codec::kChunk] = {};
+    T grad_pad[Codec::kChunk] = {};
+    uint8_t code_pad[Codec::kChunk];
+    std::copy(param + i, param + n, param_pad);
+    std::copy(grad + i, grad + n, grad_pad);
+    std::copy(code + i, code + n, code_pad);
+    std::fill(code_pad + rest, code_pad + Codec::kChunk, kZeroCode);
+    update_chunk_8bit<false>(param_pad, grad_pad, code_pad, buf + i, old_absmax, h, codec, running);  // i + kChunk <= kBlockSize
+    std::copy(param_pad, param_pad + rest, param + i);
+    new_absmax = absmax_accumulate(new_absmax, block_absmax(buf + i, rest));
   }
   new_absmax = canonical_nan(new_absmax);
   *absmax = new_absmax;
-  quantize_with_absmax(buf, n, new_absmax, code);
+  quantize_with_absmax(codec, buf, n, new_absmax, code);
 }
 
 template <typename scalar_t>
 void sgd8bit_update_typed(at::TensorList params, at::TensorList grads, at::TensorList codes,
                           at::TensorList absmax, const std::vector<BlockLayout>& layouts, const SgdHyper<float>& h) {
   parallel_over_blocks(block_counts(absmax), [&](size_t t, int64_t first, int64_t last) {
+    const Codec codec;
     scalar_t* param = params[t].data_ptr<scalar_t>();
     const scalar_t* grad = grads[t].const_data_ptr<scalar_t>();
     uint8_t* code = codes[t].data_ptr<uint8_t>();
@@ -376,7 +557,7 @@ void sgd8bit_update_typed(at::TensorList params, at::TensorList grads, at::Tenso
     for (int64_t block = first; block < last; ++block) {
       const int64_t start = layout.start(block);
       update_block_8bit(param + start, grad + start, code + start, scale + block, layout.size(block), h,
-                        static_cast<uint32_t>(t), start);
+                        static_cast<uint32_t>(t), start, codec);
     }
   });
 }
@@ -410,10 +591,11 @@ void quantize_blockwise(const at::Tensor& values, const at::Tensor& codes, const
     const scalar_t* in = values.const_data_ptr<scalar_t>();
     uint8_t* out = codes.data_ptr<uint8_t>();
     float* scale = absmax.data_ptr<float>();
+    const Codec codec;
     parallel_for_each_block(absmax.numel(), layout, [&](int64_t block, int64_t start, int64_t n) {
       alignas(64) float block_values[kBlockSize];
       std::copy(in + start, in + start + n, block_values);  // converts to float
-      quantize_block(block_values, n, out + start, scale + block);
+      quantize_block(codec, block_values, n, out + start, scale + block);
     });
   });
 }
@@ -424,9 +606,10 @@ void dequantize_blockwise(const at::Tensor& codes, const at::Tensor& absmax, con
     const uint8_t* in = codes.const_data_ptr<uint8_t>();
     const float* scale = absmax.const_data_ptr<float>();
     scalar_t* values = out.data_ptr<scalar_t>();
+    const Codec codec;
     parallel_for_each_block(absmax.numel(), layout, [&](int64_t block, int64_t start, int64_t n) {
       alignas(64) float block_values[kBlockSize];
-      dequantize_block(in + start, scale[block], n, block_values);
+      codec.dequantize(in + start, scale[block], n, block_values);
       std::copy(block_values, block_values + n, values + start);  // converts to scalar_t
     });
   });
