@@ -189,26 +189,35 @@ void update_range(T* param, const T* grad, B* buf, int64_t n, const SgdHyper<acc
   }
 }
 
-// NaN-propagating max over the lanes of a running vector max of |v|.
-inline float reduce_absmax(const Vectorized<float>& running) {
-  float lanes[Vectorized<float>::size()];
-  running.store(lanes);
-  float result = 0.0f;
-  for (float lane : lanes) {
-    result = absmax_accumulate(result, lane);
+// Running max of |v| over float vectors, NaN-propagating. |v|'s bits (sign cleared) order as integers like
+// the values, with every NaN above +inf, so one integer max per vector needs no NaN test.
+struct AbsMax {
+  Vectorized<int32_t> bits = Vectorized<int32_t>(0);
+
+  void add(const Vectorized<float>& v) {
+    bits = at::vec::maximum(bits, at::vec::cast<int32_t>(v) & Vectorized<int32_t>(0x7fffffff));
   }
-  return result;
-}
+  // The max over lanes; NaN (canonical) if any lane saw one.
+  float value() const {
+    int32_t lanes[Vectorized<int32_t>::size()];
+    bits.store(lanes);
+    int32_t result = 0;
+    for (int32_t lane : lanes) {
+      result = std::max(result, lane);
+    }
+    return canonical_nan(c10::bit_cast<float>(result));
+  }
+};
 
 // NaN-propagating max |v| of a float block.
 inline float block_absmax(const float* v, int64_t n) {
   using Vec = Vectorized<float>;
   int64_t i = 0;
-  Vec running(0.0f);
+  AbsMax running;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    running = at::vec::maximum(running, Vec::loadu(v + i).abs());  // maximum propagates NaN
+    running.add(Vec::loadu(v + i));
   }
-  float result = reduce_absmax(running);
+  float result = running.value();
   for (; i < n; ++i) {
     result = absmax_accumulate(result, v[i]);
   }
@@ -478,7 +487,7 @@ void sgd_update(at::TensorList params, at::TensorList grads, at::TensorList mome
 // the new buffer (float) into `buf`, and with kTrack fold |buf| into `running`.
 template <bool kTrack, typename T>
 inline void update_chunk_8bit(T* param, const T* grad, const uint8_t* code, float* buf, float old_absmax,
-                              const SgdHyper<float>& h, const Codec& codec, Vectorized<float>& running) {
+                              const SgdHyper<float>& h, const Codec& codec, AbsMax& running) {
   Vectorized<float> b[kChunkVectors];
   if (h.first_step) {
     std::fill(b, b + kChunkVectors, Vectorized<float>(0.0f));  // stays 0 when the momentum value is 0
@@ -493,7 +502,7 @@ inline void update_chunk_8bit(T* param, const T* grad, const uint8_t* code, floa
     for (int k = 0; k < kParts; ++k) {
       p[k] = sgd_rule(p[k], g[k], b[j + k], h);
       if constexpr (kTrack) {
-        running = at::vec::maximum(running, b[j + k].abs());  // maximum propagates NaN
+        running.add(b[j + k]);
       }
       b[j + k].store(buf + offset + k * Vectorized<float>::size());
     }
@@ -520,12 +529,12 @@ void update_block_8bit(T* param, const T* grad, uint8_t* code, float* absmax, in
     return;
   }
   const float old_absmax = *absmax;
-  Vectorized<float> running(0.0f);
+  AbsMax running;
   int64_t i = 0;
   for (; i + Codec::kChunk <= n; i += Codec::kChunk) {
     update_chunk_8bit<true>(param + i, grad + i, code + i, buf + i, old_absmax, h, codec, running);
   }
-  float new_absmax = reduce_absmax(running);
+  float new_absmax = running.value();
   if (i < n) {
     const int64_t rest = n - i;
     T param_pad[Codec::kChunk] = {};
