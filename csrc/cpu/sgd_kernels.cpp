@@ -366,7 +366,11 @@ struct Codec {
 
   void quantize(const float* v, float absmax, int64_t n, uint8_t* codes) const {
     const __m512 scale = _mm512_set1_ps(absmax);
-    for (int64_t i = 0; i < n; i += 16) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), codes16(_mm512_div_ps(_mm512_loadu_ps(v + i), scale)));
+    }
+    if (i < n) {
       const __mmask16 lanes = first_lanes16(n - i);
       _mm_mask_storeu_epi8(codes + i, lanes, codes16(_mm512_div_ps(_mm512_maskz_loadu_ps(lanes, v + i), scale)));
     }
@@ -510,47 +514,77 @@ inline void update_chunk_8bit(T* param, const T* grad, const uint8_t* code, floa
   }
 }
 
-// One block (at most kBlockSize elements) of the 8-bit step: chunks straight from memory, the last partial
-// chunk through zero-padded stack copies, then the new absmax, then the codes from the block's new
-// buffer in a 1 KiB stack array (L1-resident).
-template <typename T>
-void update_block_8bit(T* param, const T* grad, uint8_t* code, float* absmax, int64_t n,
-                       const SgdHyper<float>& hyper, uint32_t tensor, int64_t first_index, const Codec& codec) {
-  alignas(64) float buf[kBlockSize];
-  const SgdHyper<float> h = hyper;  // local copy: see update_range
-  if (h.stochastic_rounding) {  // bf16 only: the rule runs in the scalar stochastic-rounding loop
-    if (h.first_step) {
-      std::fill(buf, buf + n, 0.0f);  // stays 0 when the momentum value is 0 (the rule leaves it alone)
-    } else {
-      codec.dequantize(code, *absmax, n, buf);
+// A block whose new buffer is computed (in a stack array) but not yet quantized.
+struct PendingCodes {
+  const float* buf = nullptr;
+  uint8_t* code = nullptr;
+  int64_t size = 0;
+  int64_t done = 0;  // codes written so far
+  float absmax = 0.0f;
+
+  // Writes up to `count` more codes.
+  void quantize_next(const Codec& codec, int64_t count) {
+    count = std::min(count, size - done);
+    if (count > 0) {
+      quantize_with_absmax(codec, buf + done, count, absmax, code + done);
+      done += count;
     }
-    update_range(param, grad, buf, n, h, tensor, first_index);
-    quantize_block(codec, buf, n, code, absmax);
-    return;
   }
-  const float old_absmax = *absmax;
-  AbsMax running;
-  int64_t i = 0;
-  for (; i + Codec::kChunk <= n; i += Codec::kChunk) {
-    update_chunk_8bit<true>(param + i, grad + i, code + i, buf + i, old_absmax, h, codec, running);
+};
+
+// The 8-bit step over blocks [first, last) of one tensor. Per block: chunks of the rule straight from
+// memory (the last partial chunk through zero-padded stack copies) into a 1 KiB stack buffer, then the new
+// absmax, then the codes. Quantizing is pure arithmetic on L1 data and the rule is memory-bound, so the
+// codes of each block are computed one block later, chunk by chunk between the next block's chunks: the
+// core then has the next block's loads in flight while it quantizes (results are the same as block by block).
+template <typename T>
+void update_blocks_8bit(T* param, const T* grad, uint8_t* code, float* absmax, BlockLayout layout, int64_t first,
+                        int64_t last, const SgdHyper<float>& hyper, uint32_t tensor, const Codec& codec) {
+  alignas(64) float bufs[2][kBlockSize];
+  const SgdHyper<float> h = hyper;  // local copy: see update_range
+  PendingCodes pending;
+  for (int64_t block = first; block < last; ++block) {
+    const int64_t start = layout.start(block);
+    const int64_t n = layout.size(block);
+    float* buf = bufs[block & 1];
+    if (h.stochastic_rounding) {  // bf16 only: the rule runs in the scalar stochastic-rounding loop
+      if (h.first_step) {
+        std::fill(buf, buf + n, 0.0f);  // stays 0 when the momentum value is 0 (the rule leaves it alone)
+      } else {
+        codec.dequantize(code + start, absmax[block], n, buf);
+      }
+      update_range(param + start, grad + start, buf, n, h, tensor, start);
+      quantize_block(codec, buf, n, code + start, absmax + block);
+      continue;
+    }
+    const float old_absmax = absmax[block];
+    AbsMax running;
+    int64_t i = 0;
+    for (; i + Codec::kChunk <= n; i += Codec::kChunk) {
+      update_chunk_8bit<true>(param + start + i, grad + start + i, code + start + i, buf + i, old_absmax, h, codec,
+                              running);
+      pending.quantize_next(codec, Codec::kChunk);
+    }
+    float new_absmax = running.value();
+    if (i < n) {
+      const int64_t rest = n - i;
+      T param_pad[Codec::kChunk] = {};
+      T grad_pad[Codec::kChunk] = {};
+      uint8_t code_pad[Codec::kChunk];
+      std::copy(param + start + i, param + start + n, param_pad);
+      std::copy(grad + start + i, grad + start + n, grad_pad);
+      std::copy(code + start + i, code + start + n, code_pad);
+      std::fill(code_pad + rest, code_pad + Codec::kChunk, kZeroCode);
+      update_chunk_8bit<false>(param_pad, grad_pad, code_pad, buf + i, old_absmax, h, codec,
+                               running);  // i + kChunk <= kBlockSize
+      std::copy(param_pad, param_pad + rest, param + start + i);
+      new_absmax = absmax_accumulate(new_absmax, block_absmax(buf + i, rest));
+    }
+    pending.quantize_next(codec, kBlockSize);  // the rest of the previous block
+    absmax[block] = canonical_nan(new_absmax);
+    pending = PendingCodes{buf, code + start, n, 0, absmax[block]};
   }
-  float new_absmax = running.value();
-  if (i < n) {
-    const int64_t rest = n - i;
-    T param_pad[Codec::kChunk] = {};
-    T grad_pad[Codec::kChunk] = {};
-    uint8_t code_pad[Codec::kChunk];
-    std::copy(param + i, param + n, param_pad);
-    std::copy(grad + i, grad + n, grad_pad);
-    std::copy(code + i, code + n, code_pad);
-    std::fill(code_pad + rest, code_pad + Codec::kChunk, kZeroCode);
-    update_chunk_8bit<false>(param_pad, grad_pad, code_pad, buf + i, old_absmax, h, codec, running);  // i + kChunk <= kBlockSize
-    std::copy(param_pad, param_pad + rest, param + i);
-    new_absmax = absmax_accumulate(new_absmax, block_absmax(buf + i, rest));
-  }
-  new_absmax = canonical_nan(new_absmax);
-  *absmax = new_absmax;
-  quantize_with_absmax(codec, buf, n, new_absmax, code);
+  pending.quantize_next(codec, kBlockSize);
 }
 
 template <typename scalar_t>
@@ -558,16 +592,9 @@ void sgd8bit_update_typed(at::TensorList params, at::TensorList grads, at::Tenso
                           at::TensorList absmax, const std::vector<BlockLayout>& layouts, const SgdHyper<float>& h) {
   parallel_over_blocks(block_counts(absmax), [&](size_t t, int64_t first, int64_t last) {
     const Codec codec;
-    scalar_t* param = params[t].data_ptr<scalar_t>();
-    const scalar_t* grad = grads[t].const_data_ptr<scalar_t>();
-    uint8_t* code = codes[t].data_ptr<uint8_t>();
-    float* scale = absmax[t].data_ptr<float>();
-    const BlockLayout layout = layouts[t];
-    for (int64_t block = first; block < last; ++block) {
-      const int64_t start = layout.start(block);
-      update_block_8bit(param + start, grad + start, code + start, scale + block, layout.size(block), h,
-                        static_cast<uint32_t>(t), start, codec);
-    }
+    update_blocks_8bit(params[t].data_ptr<scalar_t>(), grads[t].const_data_ptr<scalar_t>(),
+                       codes[t].data_ptr<uint8_t>(), absmax[t].data_ptr<float>(), layouts[t], first, last, h,
+                       static_cast<uint32_t>(t), codec);
   });
 }
 
