@@ -4,7 +4,7 @@
 // Work is split into 256-element blocks across all tensors of a call, so one at::parallel_for covers a
 // whole param group however many small tensors it has, and no block is ever shared by two threads
 // (results do not depend on the thread count). Each block is one pass over memory; the 8-bit kernel
-// keeps the block's dequantized buffer in a 1 KiB stack array.
+// keeps the block's new buffer in a 1 KiB stack array until its codes are written.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
