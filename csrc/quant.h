@@ -214,19 +214,17 @@ inline constexpr int32_t kBucketTable[1473] = {
     16908287,
 };
 // The nearest-code rule by arithmetic (the AVX-512 kernels; derivation in torchsgd8/quantization.py):
-// segment s of |x| (codes between two decade boundaries) = kSegmentBelow[E] + (bits(|x|) > kSegmentSplit[E])
-// for |x|'s exponent E (0 below 2^-31); count c = min(trunc(|x| * kSegmentSlope[s] + kSegmentOffset[s]),
+// segment s of |x| (codes between two decade boundaries) = kSegmentBelow[i] + (bits(|x|) > kSegmentSplit[i])
+// for i = bits 24-27 of |x| (0 below 2^-31); count c = min(trunc(|x| * kSegmentSlope[s] + kSegmentOffset[s]),
 // kSegmentLast[s]), exact unless that sum lies within kSegmentNear of an integer (then: nearest_code).
 constexpr int kSegmentExponentBase = 96;
 constexpr float kSegmentNear = 0x1.0000000000000p-14f;
-// indexed by (exponent of |x|) - kSegmentExponentBase
-inline constexpr int32_t kSegmentBelow[32] = {
-    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 2, 2, 2, 3,
-    3, 3, 3, 4, 4, 4, 5, 5, 5, 6, 6, 6, 7, 7, 7, 8,
+// indexed by bits 24-27 of |x| (pairs of binades from kSegmentExponentBase)
+inline constexpr int32_t kSegmentBelow[16] = {
+    0, 0, 0, 0, 0, 1, 2, 2, 3, 3, 4, 5, 5, 6, 7, 7,
 };
-inline constexpr int32_t kSegmentSplit[32] = {
-    2147483647, 2147483647, 2147483647, 2147483647, 2147483647, 2147483647, 2147483647, 2147483647, 2147483647, 882090935, 2147483647, 905905025, 2147483647, 2147483647, 930301189, 2147483647,
-    2147483647, 2147483647, 956330840, 2147483647, 2147483647, 982634830, 2147483647, 2147483647, 1009585750, 2147483647, 2147483647, 1037209436, 2147483647, 2147483647, 1065294233, 2147483647,
+inline constexpr int32_t kSegmentSplit[16] = {
+    2147483647, 2147483647, 2147483647, 2147483647, 882090935, 905905025, 2147483647, 930301189, 2147483647, 956330840, 982634830, 2147483647, 1009585750, 1037209436, 2147483647, 1065294233,
 };
 // indexed by segment
 inline constexpr float kSegmentSlope[16] = {

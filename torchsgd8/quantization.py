@@ -130,12 +130,11 @@ def nearest_code_reference(x: torch.Tensor, qmap: torch.Tensor | None = None) ->
 # The positive codes come in 7 decades of evenly spaced values, so inside decade k the count of thresholds
 # below |x| is a linear function of |x| rounded down. A "segment" is a run of codes between two decade
 # boundaries (the thresholds 0|P1, P1|P2, P3|P4, ..., P127|1.0); segment s covers magnitude counts
-# [first, last]. |x|'s exponent E (96 <= E <= 127, tables indexed by E & 31) gives the segment up to one
-# boundary inside its binade, then one compare settles it. The count is then trunc(|x| * slope + offset)
-# clamped to the segment's last count, exact except within SEGMENT_NEAR of an integer, where the kernels
-# fall back to the bucket lookup.
+# [first, last]. |x|'s exponent E (96 <= E <= 127; tables indexed by bits 24-27 of |x|, i.e. per pair of
+# binades) gives the segment up to one boundary inside the pair, then one compare settles it. The count
+# is then trunc(|x| * slope + offset) clamped to the segment's last count, exact except within
+# SEGMENT_NEAR of an integer, where the kernels fall back to the bucket lookup.
 SEGMENT_EXPONENT_BASE = 96  # magnitudes below 2**-31 are all in segment 0 (code of 0.0)
-SEGMENT_DECADE_FIRST = [2**k for k in range(7)]  # first count of decade k; its segment is k + 1
 SEGMENT_NEAR = 2.0**-14  # 8x the largest distance from an integer where trunc is wrong (7.6e-6)
 
 
@@ -145,16 +144,18 @@ def segment_boundaries(thresholds: np.ndarray) -> np.ndarray:
 
 
 def segment_exponent_tables(thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(below, split), each 32 int32 indexed by E - 96: below = segments wholly beneath the binade
-    [2**(E-127), 2**(E-126)); split = the bits of the one boundary inside it (0x7fffffff: none), so the
-    segment of |x| is below + (bits(|x|) > split). E = 255 (NaN, inf) reads index 31, the binade of 1.0."""
+    """(below, split), each 16 int32 indexed by (E - 96) // 2 for |x|'s exponent E, i.e. by bits 24-27 of
+    |x|: below = segments wholly beneath the two binades [2**(E-127), 2**(E-125)) of that index; split =
+    the bits of the one boundary inside them (0x7fffffff: none; the boundaries lie a factor ~10 apart, so
+    two binades never hold two), and the segment of |x| is below + (bits(|x|) > split). E = 255 (NaN, inf)
+    reads index 15, the binades of 1.0."""
     bounds = segment_boundaries(thresholds).astype(np.int64)
     assert bounds[0] >= SEGMENT_EXPONENT_BASE << 23
     below, split = [], []
-    for index in range(32):
-        lo, hi = (SEGMENT_EXPONENT_BASE + index) << 23, (SEGMENT_EXPONENT_BASE + index + 1) << 23
+    for index in range(16):
+        lo, hi = (SEGMENT_EXPONENT_BASE + 2 * index) << 23, (SEGMENT_EXPONENT_BASE + 2 * index + 2) << 23
         inside = bounds[(bounds >= lo) & (bounds < hi)]
-        assert len(inside) <= 1, f"binade {index} holds {len(inside)} segment boundaries"
+        assert len(inside) <= 1, f"binades {2 * index}, {2 * index + 1} hold {len(inside)} segment boundaries"
         below.append(np.count_nonzero(bounds < lo))
         split.append(inside[0] if len(inside) else 0x7FFFFFFF)
     return np.asarray(below, dtype=np.int32), np.asarray(split, dtype=np.int64).astype(np.int32)
@@ -185,7 +186,7 @@ def nearest_code_segments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     below, split = (torch.from_numpy(t.astype(np.int64)) for t in segment_exponent_tables(thresholds))
     slope, offset, last = (torch.from_numpy(t) for t in segment_linear_tables())
     bits = x.to(torch.float32).view(torch.int32).long() & 0x7FFFFFFF
-    index = (bits >> 23) & 31
+    index = (bits >> 24) & 15
     segment = torch.where(bits >= SEGMENT_EXPONENT_BASE << 23, below[index] + (bits > split[index]).long(), 0)
     magnitude = bits.to(torch.int32).view(torch.float32).double()
     g = (magnitude * slope[segment].double() + offset[segment].double()).float()  # one rounding, like an FMA

@@ -234,9 +234,9 @@ inline float block_absmax(const float* v, int64_t n) {
 //  * Dequantize 64 codes at once: byte p of every codebook value forms a 256-byte "plane", and VBMI's
 //    two-table byte permute looks up 64 bytes in 128 at once, so 4 planes x 2 halves give 64 floats' bytes,
 //    interleaved back into floats by unpacks (the codes are pre-permuted so the floats come out in order).
-//  * Quantize 16 lanes by arithmetic (the kSegment* tables of quant.h, each one or two registers): the
-//    count of thresholds below |x| is linear inside a decade; lanes whose linear estimate lies within
-//    kSegmentNear of an integer (about 1 in 4,000 random values) take the scalar nearest_code instead.
+//  * Quantize 16 lanes by arithmetic (the kSegment* tables of quant.h, one register each): the count of
+//    thresholds below |x| is linear inside a decade; lanes whose linear estimate lies within kSegmentNear
+//    of an integer (about 1 in 4,000 random values) take the scalar nearest_code instead.
 
 struct CodebookPlanes {
   alignas(64) uint8_t bytes[4][256];  // bytes[p][c] = byte p of kSignedDynamicMap[c]
@@ -273,7 +273,7 @@ struct Codec {
   static constexpr int64_t kChunk = 64;  // elements decoded at once
   __m512i planes[4][4];                  // [byte][quarter of the 256-entry table]
   __m512i order;
-  __m512i below[2], split[2], last;
+  __m512i below, split, last;
   __m512 slope, offset;
 
   Codec() {
@@ -283,10 +283,8 @@ struct Codec {
       }
     }
     order = _mm512_load_si512(kCodebookPlanes.order);
-    for (int half = 0; half < 2; ++half) {
-      below[half] = _mm512_loadu_si512(kSegmentBelow + 16 * half);
-      split[half] = _mm512_loadu_si512(kSegmentSplit + 16 * half);
-    }
+    below = _mm512_loadu_si512(kSegmentBelow);
+    split = _mm512_loadu_si512(kSegmentSplit);
     last = _mm512_loadu_si512(kSegmentLast);
     slope = _mm512_loadu_ps(kSegmentSlope);
     offset = _mm512_loadu_ps(kSegmentOffset);
@@ -330,22 +328,23 @@ struct Codec {
   // Codes of 16 values x = v / absmax (|x| <= 1, or NaN).
   __m128i codes16(__m512 x) const {
     const __m512i bits = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff));
-    // The exponent tables read index bits 0-4: E - 96 for E in [96, 127], and 31 (the binade of 1.0) for
-    // NaN's E = 255; smaller magnitudes are segment 0.
-    const __m512i exponent = _mm512_srli_epi32(bits, 23);
+    // The tables read bits 24-27 (pairs of binades from 2^-31; NaN's reads the pair of 1.0); smaller
+    // magnitudes are segment 0.
+    const __m512i binades = _mm512_srli_epi32(bits, 24);
     const __mmask16 normal = _mm512_cmpge_epu32_mask(bits, _mm512_set1_epi32(kSegmentExponentBase << 23));
-    __m512i segment = _mm512_maskz_permutex2var_epi32(normal, below[0], exponent, below[1]);
-    const __mmask16 above_split =
-        _mm512_cmpgt_epi32_mask(bits, _mm512_permutex2var_epi32(split[0], exponent, split[1]));
+    __m512i segment = _mm512_maskz_permutexvar_epi32(normal, binades, below);
+    const __mmask16 above_split = _mm512_cmpgt_epi32_mask(bits, _mm512_permutexvar_epi32(binades, split));
     segment = _mm512_mask_add_epi32(segment, above_split, segment, _mm512_set1_epi32(1));
     const __m512 position = _mm512_fmadd_ps(_mm512_castsi512_ps(bits), _mm512_permutexvar_ps(segment, slope),
                                             _mm512_permutexvar_ps(segment, offset));
     // NaN positions convert to 0xffffffff, which the minimum turns into the last count (code 255).
     const __m512i count = _mm512_min_epu32(_mm512_cvttps_epu32(position), _mm512_permutexvar_epi32(segment, last));
-    const __m512i zero_code = _mm512_set1_epi32(kZeroCode);
+    // The sign in bytes (a quarter of the work of 32-bit lanes): 127 + count, or 127 - min(count, 127).
+    const __m128i count_bytes = _mm512_cvtepi32_epi8(count);
     const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
-    __m128i codes = _mm512_cvtepi32_epi8(_mm512_mask_sub_epi32(_mm512_add_epi32(zero_code, count), negative, zero_code,
-                                                               _mm512_min_epi32(count, zero_code)));
+    const __m128i zero_code = _mm_set1_epi8(static_cast<char>(kZeroCode));
+    __m128i codes = _mm_mask_sub_epi8(_mm_add_epi8(count_bytes, zero_code), negative, zero_code,
+                                      _mm_min_epu8(count_bytes, zero_code));
     const __m512 from_integer = _mm512_reduce_ps(position, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __mmask16 near =
         _mm512_cmp_ps_mask(_mm512_abs_ps(from_integer), _mm512_set1_ps(kSegmentNear), _CMP_LT_OQ);
