@@ -11,11 +11,14 @@ Specification under test:
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from torchsgd8 import ops
+from torchsgd8 import _C, ops
 from torchsgd8.quantization import (BLOCK_SIZE, ZERO_CODE, absmax_per_element, nearest_code, nearest_code_reference,
                                     nearest_code_segments, positive_thresholds, segment_boundaries,
                                     signed_dynamic_map)
@@ -290,14 +293,33 @@ def test_segment_rule_is_exact_away_from_integers():
     assert near.float().mean().item() < 1e-3  # the fallback is rare on ordinary values
 
 
-@pytest.mark.slow
-def test_codes_are_exact_for_every_float_in_the_unit_interval():
+def _check_every_float_in_the_unit_interval():
     chunk = 2**24
     for start in range(0, 0x3F800000 + 1, chunk):
         ratios = _ratios_from_bits(torch.arange(start, min(start + chunk, 0x3F800000 + 1), dtype=torch.int64))
         codes = _kernel_codes_of_ratios(ratios)
         mismatch = (codes != nearest_code(ratios)).nonzero().reshape(-1)
         assert mismatch.numel() == 0, f"bits {start:#x}+: ratios {ratios[mismatch[:5]].tolist()}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", ["in use", "default", "avx2", "avx512"])
+def test_codes_are_exact_for_every_float_in_the_unit_interval(isa):
+    """Both signs of all 2**30 floats in [0, 1], for the kernels in use and (in a subprocess: the choice is
+    made once per process) every other set this CPU runs."""
+    if isa == "in use":
+        _check_every_float_in_the_unit_interval()
+        return
+    if _C.cpu_isa() == isa.upper():
+        pytest.skip(f"{isa} is the kernel set of this process")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_quantization as t; "
+            "from torchsgd8 import _C; print(_C.cpu_isa()); t._check_every_float_in_the_unit_interval()")
+    proc = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__)], capture_output=True, text=True,
+                          env=dict(os.environ, TORCHSGD8_CPU_ISA=isa), timeout=1200)
+    if proc.returncode != 0 and "but this CPU or build lacks" in proc.stderr:
+        pytest.skip(f"this CPU or build has no {isa} kernels")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[0] == isa.upper()
 
 
 # --------------------------------------------------------------------------------------------------------
