@@ -11,7 +11,6 @@
 #include <c10/util/irange.h>
 
 #include <algorithm>
-#include <array>
 #include <bit>
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
@@ -541,21 +540,25 @@ void update_blocks_8bit(T* param, const T* grad, uint8_t* code, float* absmax, B
                         int64_t last, const SgdHyper<float>& hyper, uint32_t tensor, const Codec& codec) {
   alignas(64) float bufs[2][kBlockSize];
   const SgdHyper<float> h = hyper;  // local copy: see update_range
+  if (h.stochastic_rounding) {  // bf16 only: the rule runs in the scalar stochastic-rounding loop, block by block
+    for (int64_t block = first; block < last; ++block) {
+      const int64_t start = layout.start(block);
+      const int64_t n = layout.size(block);
+      if (h.first_step) {
+        std::fill(bufs[0], bufs[0] + n, 0.0f);  // stays 0 when the momentum value is 0 (the rule leaves it alone)
+      } else {
+        codec.dequantize(code + start, absmax[block], n, bufs[0]);
+      }
+      update_range(param + start, grad + start, bufs[0], n, h, tensor, start);
+      quantize_block(codec, bufs[0], n, code + start, absmax + block);
+    }
+    return;
+  }
   PendingCodes pending;
   for (int64_t block = first; block < last; ++block) {
     const int64_t start = layout.start(block);
     const int64_t n = layout.size(block);
     float* buf = bufs[block & 1];
-    if (h.stochastic_rounding) {  // bf16 only: the rule runs in the scalar stochastic-rounding loop
-      if (h.first_step) {
-        std::fill(buf, buf + n, 0.0f);  // stays 0 when the momentum value is 0 (the rule leaves it alone)
-      } else {
-        codec.dequantize(code + start, absmax[block], n, buf);
-      }
-      update_range(param + start, grad + start, buf, n, h, tensor, start);
-      quantize_block(codec, buf, n, code + start, absmax + block);
-      continue;
-    }
     const float old_absmax = absmax[block];
     AbsMax running;
     int64_t i = 0;
