@@ -77,13 +77,14 @@ void bump_versions_of_written(const c10::OperatorHandle& op, c10::DispatchKeySet
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchsgd8, Autograd, m) {
-  for (const char* op : {"sgd_update_", "sgd8bit_update_", "quantize_blockwise", "dequantize_blockwise"}) {
+  for (const char* op :
+       {"sgd_update_", "sgd8bit_update_", "count_steps_", "quantize_blockwise", "dequantize_blockwise"}) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&reject_requires_grad>());
   }
 }
 
 TORCH_LIBRARY_IMPL(torchsgd8, ADInplaceOrView, m) {
-  for (const char* op : {"sgd_update_", "sgd8bit_update_"}) {
+  for (const char* op : {"sgd_update_", "sgd8bit_update_", "count_steps_"}) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&bump_versions_of_written>());
   }
 }

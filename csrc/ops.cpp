@@ -60,6 +60,10 @@ TORCH_LIBRARY(torchsgd8, m) {
       "sgd8bit_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] codes, Tensor(c!)[] absmax, "
       "Tensor lr, Tensor momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
       "bool first_step, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? rounding_seed=None) -> ()");
+  // steps[i] += 1 for one-element float32 CPU step counters (the 8-bit state's `step`), unless found_inf
+  // is nonzero (a step the GradScaler skips does not count). One call for a whole list: a foreach add
+  // costs ~1.5 us per 0-d tensor.
+  m.def("count_steps_(Tensor(a!)[] steps, Tensor? found_inf=None) -> ()");
   // values -> (uint8 codes of values' shape, float32 absmax): absmax[ceil(numel / 256)], or with
   // per_row absmax[size(0), ceil(row / 256)] with blocks restarting at each index of dim 0
   m.def("quantize_blockwise(Tensor values, bool per_row=False) -> (Tensor codes, Tensor absmax)");

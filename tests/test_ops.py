@@ -164,6 +164,28 @@ def test_opcheck_dequantize_blockwise(shape, dtype, gen):
     torch.library.opcheck(OPS.dequantize_blockwise.default, (codes, absmax, dtype))
 
 
+@pytest.mark.parametrize("found_inf", [None, 0.0, 1.0])
+def test_opcheck_count_steps(found_inf):
+    steps = [torch.tensor(3.0), torch.tensor(0.0), torch.zeros(1)]
+    inf = None if found_inf is None else torch.tensor(found_inf)
+    torch.library.opcheck(OPS.count_steps_.default, (steps, inf))
+    if inf is not None:  # (without any tensor argument there is no device to dispatch on)
+        torch.library.opcheck(OPS.count_steps_.default, ([], inf))
+
+
+def test_count_steps_adds_one_unless_the_step_is_skipped():
+    steps = [torch.tensor(3.0), torch.tensor(0.0), torch.tensor([7.0])]
+    ops.count_steps_(steps)
+    assert [s.item() for s in steps] == [4.0, 1.0, 8.0]
+    ops.count_steps_(steps, torch.tensor(0.0))
+    assert [s.item() for s in steps] == [5.0, 2.0, 9.0]
+    ops.count_steps_(steps, torch.tensor(1.0))  # found_inf: skipped, does not count
+    assert [s.item() for s in steps] == [5.0, 2.0, 9.0]
+    base = torch.zeros(4)
+    ops.count_steps_([base[2]])  # a view: its own element only
+    assert base.tolist() == [0.0, 0.0, 1.0, 0.0]
+
+
 # ---- bad arguments: RuntimeError with a helpful message, nothing changed -----------------------------------
 
 
@@ -292,6 +314,20 @@ def test_sgd8bit_update_rejects_bad_arguments(name, mutate, message, gen):
     with pytest.raises(RuntimeError, match=message):
         ops.sgd8bit_update_(*args)
     _assert_unchanged(args, snap)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.tensor(1, dtype=torch.int64), r"steps\[1\] must be a one-element float32 CPU tensor; got Long"),
+    (torch.tensor(1.0, dtype=torch.float64), r"steps\[1\] must be a one-element float32 CPU tensor; got Double"),
+    (torch.zeros(2), r"steps\[1\] must be a one-element float32 CPU tensor; got Float of 2 elements"),
+])
+def test_count_steps_rejects_bad_counters_and_changes_nothing(bad, message):
+    good = torch.tensor(5.0)
+    with pytest.raises(RuntimeError, match=message):
+        ops.count_steps_([good, bad])
+    assert good.item() == 5.0
+    with pytest.raises(RuntimeError, match="found_inf must be a 1-element tensor"):
+        ops.count_steps_([good], torch.zeros(2))
 
 
 def test_quantize_dequantize_reject_bad_arguments(gen):

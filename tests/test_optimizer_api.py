@@ -349,10 +349,13 @@ def test_8bit_and_full_precision_state_kinds_are_separate_buckets(gen):
         _set_grads([params], gen)
         calls = _record_step(opt)
         summary = sorted((name, str(args["params"][0].dtype), len(args["params"]), args["first_step"])
-                         for name, args in calls)
+                         for name, args in calls if name != "count_steps_")
         assert summary == [("sgd8bit_update_", "torch.float32", 2, step == 0),
                            ("sgd_update_", "torch.float32", 1, step == 0),
                            ("sgd_update_", "torch.float64", 1, step == 0)]
+        # the 8-bit state's step counters: one call for the bucket
+        counted = [args["steps"] for name, args in calls if name == "count_steps_"]
+        assert len(counted) == 1 and len(counted[0]) == 2
 
 
 # ---- python -m torchsgd8 ------------------------------------------------------------------------------------
@@ -364,6 +367,6 @@ def test_module_main_prints_versions_ops_and_isa():
     out = proc.stdout
     assert torchsgd8.__version__ in out
     assert torch.__version__ in out
-    for op in ("sgd_update_", "sgd8bit_update_", "quantize_blockwise", "dequantize_blockwise"):
+    for op in ("sgd_update_", "sgd8bit_update_", "count_steps_", "quantize_blockwise", "dequantize_blockwise"):
         assert f"torchsgd8::{op}" in out
     assert torchsgd8._C.cpu_isa() in out

@@ -14,7 +14,8 @@ from torch import Tensor
 from . import _C  # noqa: F401  (loads the library that registers the ops)
 from .quantization import BLOCK_SIZE
 
-__all__ = ["sgd_update_", "sgd8bit_update_", "quantize_blockwise", "dequantize_blockwise", "num_blocks", "absmax_shape"]
+__all__ = ["sgd_update_", "sgd8bit_update_", "count_steps_", "quantize_blockwise", "dequantize_blockwise", "num_blocks",
+           "absmax_shape"]
 
 
 def num_blocks(numel):
@@ -79,6 +80,11 @@ def sgd8bit_update_(
     )
 
 
+def count_steps_(steps: Sequence[Tensor], found_inf: Optional[Tensor] = None) -> None:
+    """steps[i] += 1 for one-element float32 CPU step counters, in place, unless ``found_inf`` is nonzero."""
+    torch.ops.torchsgd8.count_steps_.default(steps, found_inf)
+
+
 def quantize_blockwise(values: Tensor, per_row: bool = False) -> tuple[Tensor, Tensor]:
     """values -> (uint8 codes of values' shape, float32 absmax with one entry per 256-element block).
 
@@ -106,6 +112,11 @@ def _(params, grads, codes, absmax, lr, momentum, dampening, weight_decay, neste
       first_step, grad_scale=None, found_inf=None, rounding_seed=None):
     torch._check(len(params) == len(grads) == len(codes) == len(absmax),
                  lambda: "sgd8bit_update_: params, grads, codes and absmax differ in length")
+    return None
+
+
+@torch.library.register_fake("torchsgd8::count_steps_")
+def _(steps, found_inf=None):
     return None
 
 

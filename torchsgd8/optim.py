@@ -353,10 +353,8 @@ class SGD(Optimizer):
                     ops.sgd8bit_update_(b["params"][i:j], b["grads"][i:j], b["codes"][i:j], b["absmax"][i:j], *common)
                 else:
                     ops.sgd_update_(b["params"][i:j], b["grads"][i:j], b["buffers"][i:j], *common)
-            if kind == "8bit":
-                torch._foreach_add_(b["steps"], 1)
-                if found_inf is not None:  # a skipped step does not count, as in torch's fused optimizers
-                    torch._foreach_sub_(b["steps"], [found_inf.to(torch.float32).cpu()] * len(b["steps"]))
+            if kind == "8bit":  # a skipped step does not count, as in torch's fused optimizers
+                ops.count_steps_(b["steps"], None if found_inf is None else found_inf.cpu())
         for p, work in staged:
             _local(p).copy_(work)
         if rounding_seed is not None and buckets:

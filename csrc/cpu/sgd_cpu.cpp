@@ -96,6 +96,20 @@ void sgd8bit_update_cpu(at::TensorList params, at::TensorList grads, at::TensorL
   }
 }
 
+void count_steps_cpu(at::TensorList steps, const std::optional<at::Tensor>& found_inf) {
+  for (size_t i = 0; i < steps.size(); ++i) {
+    TORCH_CHECK(steps[i].numel() == 1 && steps[i].scalar_type() == at::kFloat && steps[i].device().is_cpu(),
+                "torchsgd8.count_steps_: steps[", i, "] must be a one-element float32 CPU tensor; got ",
+                steps[i].scalar_type(), " of ", steps[i].numel(), " elements on ", steps[i].device());
+  }
+  if (found_inf.has_value() && read_hyperparameter(*found_inf, "found_inf") != 0.0) {
+    return;
+  }
+  for (const at::Tensor& step : steps) {
+    *step.data_ptr<float>() += 1.0f;
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& values, bool per_row) {
   TORCH_CHECK(is_supported_param_dtype(values.scalar_type()),
               "torchsgd8.quantize_blockwise: values must be float32, float64, bfloat16 or float16, got ",
@@ -134,6 +148,7 @@ const KernelTable& kernels() {
 TORCH_LIBRARY_IMPL(torchsgd8, CPU, m) {
   m.impl("sgd_update_", &sgd_update_cpu);
   m.impl("sgd8bit_update_", &sgd8bit_update_cpu);
+  m.impl("count_steps_", &count_steps_cpu);
   m.impl("quantize_blockwise", &quantize_blockwise_cpu);
   m.impl("dequantize_blockwise", &dequantize_blockwise_cpu);
 }
