@@ -1,7 +1,9 @@
-"""Shared test helpers: a seeded generator, the `slow` marker, thread-count restoration."""
+"""Shared test helpers: a seeded generator, the `slow` marker, thread-count restoration, runs under
+another CPU kernel set."""
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 import torch
@@ -34,3 +36,23 @@ def restore_threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def run_with_kernel_set():
+    """run(isa, argv, timeout) -> CompletedProcess of argv with TORCHSGD8_CPU_ISA=isa (the choice is made
+    once per process, hence a subprocess). Skips when isa is this process's own kernel set (tested in
+    process) or when this CPU or build has no such kernels; fails on any other error."""
+    from torchsgd8 import _C
+
+    def run(isa: str, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+        if _C.cpu_isa() == isa.upper():
+            pytest.skip(f"{isa} is the kernel set of this process")
+        proc = subprocess.run(argv, env=dict(os.environ, TORCHSGD8_CPU_ISA=isa), capture_output=True, text=True,
+                              timeout=timeout)
+        if proc.returncode != 0 and "but this CPU or build lacks" in proc.stderr:
+            pytest.skip(f"this CPU or build has no {isa} kernels")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    return run

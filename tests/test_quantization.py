@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from torchsgd8 import _C, ops
+from torchsgd8 import ops
 from torchsgd8.quantization import (BLOCK_SIZE, ZERO_CODE, absmax_per_element, nearest_code, nearest_code_reference,
                                     nearest_code_segments, positive_thresholds, segment_boundaries,
                                     signed_dynamic_map)
@@ -304,21 +303,15 @@ def _check_every_float_in_the_unit_interval():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("isa", ["in use", "default", "avx2", "avx512"])
-def test_codes_are_exact_for_every_float_in_the_unit_interval(isa):
+def test_codes_are_exact_for_every_float_in_the_unit_interval(isa, run_with_kernel_set):
     """Both signs of all 2**30 floats in [0, 1], for the kernels in use and (in a subprocess: the choice is
     made once per process) every other set this CPU runs."""
     if isa == "in use":
         _check_every_float_in_the_unit_interval()
         return
-    if _C.cpu_isa() == isa.upper():
-        pytest.skip(f"{isa} is the kernel set of this process")
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_quantization as t; "
             "from torchsgd8 import _C; print(_C.cpu_isa()); t._check_every_float_in_the_unit_interval()")
-    proc = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__)], capture_output=True, text=True,
-                          env=dict(os.environ, TORCHSGD8_CPU_ISA=isa), timeout=1200)
-    if proc.returncode != 0 and "but this CPU or build lacks" in proc.stderr:
-        pytest.skip(f"this CPU or build has no {isa} kernels")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_with_kernel_set(isa, [sys.executable, "-c", code, os.path.dirname(__file__)], timeout=1200)
     assert proc.stdout.split()[0] == isa.upper()
 
 

@@ -15,7 +15,6 @@ AVX2, AVX512) against each other, 64-bit sizes, and no memory growth over many s
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -189,21 +188,15 @@ def position_check() -> list[int]:
 
 
 @pytest.fixture(scope="module", params=["default", "avx2", "avx512"])
-def portable(request, tmp_path_factory):
+def portable(request, tmp_path_factory, run_with_kernel_set):
     """Results of another kernel set (a subprocess with TORCHSGD8_CPU_ISA set): every one this CPU runs
     other than the one in use here."""
     isa = request.param
-    if _C.cpu_isa() == isa.upper():
-        pytest.skip(f"{isa} is the kernel set of this process")
     tmp = tmp_path_factory.mktemp(f"portable-{isa}")
     torch.save(special_values(), tmp / "values.pt")
     (tmp / "portable.py").write_text(PORTABLE_SCRIPT)
-    env = dict(os.environ, TORCHSGD8_CPU_ISA=isa)
-    proc = subprocess.run([sys.executable, str(tmp / "portable.py"), os.path.dirname(__file__), str(tmp / "values.pt"),
-                           str(tmp / "out.pt")], env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0 and "but this CPU or build lacks" in proc.stderr:
-        pytest.skip(f"this CPU or build has no {isa} kernels")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_with_kernel_set(isa, [sys.executable, str(tmp / "portable.py"), os.path.dirname(__file__),
+                              str(tmp / "values.pt"), str(tmp / "out.pt")], timeout=300)
     out = torch.load(tmp / "out.pt")
     assert out["isa"] == isa.upper()
     return out

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -161,15 +160,8 @@ def _portable_main():
 
 
 @pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
-def test_other_kernel_sets_match_torch(isa):
-    if torchsgd8._C.cpu_isa() == isa.upper():
-        pytest.skip(f"{isa} is the kernel set of this process (tested above)")
-    env = dict(os.environ, TORCHSGD8_CPU_ISA=isa)
-    proc = subprocess.run([sys.executable, __file__, "--portable"], env=env, capture_output=True, text=True,
-                          timeout=300)
-    if proc.returncode != 0 and "but this CPU or build lacks" in proc.stderr:
-        pytest.skip(f"this CPU or build has no {isa} kernels")
-    assert proc.returncode == 0, proc.stderr
+def test_other_kernel_sets_match_torch(isa, run_with_kernel_set):
+    proc = run_with_kernel_set(isa, [sys.executable, __file__, "--portable"], timeout=300)
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["isa"] == isa.upper()
     assert [r["case"] for r in report["results"]] == list(range(len(PORTABLE_CASES)))
