@@ -217,6 +217,7 @@ inline constexpr int32_t kBucketTable[1473] = {
 // segment s of |x| (codes between two decade boundaries) = kSegmentBelow[i] + (bits(|x|) > kSegmentSplit[i])
 // for i = bits 24-27 of |x| (0 below 2^-31); count c = min(trunc(|x| * kSegmentSlope[s] + kSegmentOffset[s]),
 // kSegmentLast[s]), exact unless that sum lies within kSegmentNear of an integer (then: nearest_code).
+// (The kernels evaluate it in fixed point; see SegmentQuantizer in cpu/sgd_kernels.cpp.)
 constexpr int kSegmentExponentBase = 96;
 constexpr float kSegmentNear = 0x1.0000000000000p-14f;
 // indexed by bits 24-27 of |x| (pairs of binades from kSegmentExponentBase)

@@ -131,11 +131,20 @@ def nearest_code_reference(x: torch.Tensor, qmap: torch.Tensor | None = None) ->
 # below |x| is a linear function of |x| rounded down. A "segment" is a run of codes between two decade
 # boundaries (the thresholds 0|P1, P1|P2, P3|P4, ..., P127|1.0); segment s covers magnitude counts
 # [first, last]. |x|'s exponent E (96 <= E <= 127; tables indexed by bits 24-27 of |x|, i.e. per pair of
-# binades) gives the segment up to one boundary inside the pair, then one compare settles it. The count
-# is then trunc(|x| * slope + offset) clamped to the segment's last count, exact except within
-# SEGMENT_NEAR of an integer, where the kernels fall back to the bucket lookup.
+# binades; smaller magnitudes count as 2**-31) gives the segment up to one boundary inside the pair, then
+# one compare settles it. The count is then |x| * slope + offset rounded down and clamped to the segment's
+# last count, exact except within SEGMENT_NEAR of an integer, where the kernels fall back to the bucket
+# lookup. The kernels compute it in fixed point: 2**16 (COUNT_UNIT) times the estimate, plus NEAR_UNITS,
+# rounded to an integer, holds the count in bits 16-23 and is "near" when its low 16 bits are below
+# 2 * NEAR_UNITS.
 SEGMENT_EXPONENT_BASE = 96  # magnitudes below 2**-31 are all in segment 0 (code of 0.0)
 SEGMENT_NEAR = 2.0**-14  # 8x the largest distance from an integer where trunc is wrong (7.6e-6)
+COUNT_UNIT = 2**16
+NEAR_UNITS = 4  # SEGMENT_NEAR * COUNT_UNIT
+# The clamp to the last count of a decade segment (offset 8/9 * 2**k, last count 2**(k+1) - 1), from its
+# fixed-point offset: CLAMP_SCALE * offset + CLAMP_BIAS = (last + 1/2) * COUNT_UNIT + NEAR_UNITS.
+CLAMP_SCALE = 2.25
+CLAMP_BIAS = -(COUNT_UNIT // 2 - NEAR_UNITS) - CLAMP_SCALE * NEAR_UNITS
 
 
 def segment_boundaries(thresholds: np.ndarray) -> np.ndarray:
@@ -181,16 +190,21 @@ def segment_linear_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def nearest_code_segments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The AVX-512 kernels' fast path, in PyTorch (for tests): (codes, near) for float32 ``x`` (already
-    divided by absmax, so |x| <= 1 or NaN); where ``near`` is set the kernels use nearest_code instead."""
+    divided by a finite absmax, so |x| <= 1); where ``near`` is set the kernels use nearest_code instead."""
     thresholds = positive_thresholds(signed_dynamic_map().numpy())
     below, split = (torch.from_numpy(t.astype(np.int64)) for t in segment_exponent_tables(thresholds))
-    slope, offset, last = (torch.from_numpy(t) for t in segment_linear_tables())
-    bits = x.to(torch.float32).view(torch.int32).long() & 0x7FFFFFFF
+    slope, offset, _ = (torch.from_numpy(t).double() for t in segment_linear_tables())
+    bits = (x.to(torch.float32).view(torch.int32).long() & 0x7FFFFFFF).clamp(min=SEGMENT_EXPONENT_BASE << 23)
     index = (bits >> 24) & 15
-    segment = torch.where(bits >= SEGMENT_EXPONENT_BASE << 23, below[index] + (bits > split[index]).long(), 0)
+    segment = below[index] + (bits > split[index]).long()
     magnitude = bits.to(torch.int32).view(torch.float32).double()
-    g = (magnitude * slope[segment].double() + offset[segment].double()).float()  # one rounding, like an FMA
-    near = (g - g.round()).abs() < SEGMENT_NEAR
-    c = torch.minimum(g.nan_to_num(nan=1e9).trunc().long(), last[segment].long())
-    codes = torch.where(x < 0, ZERO_CODE - c.clamp(max=127), ZERO_CODE + c).to(torch.uint8)
+    fixed_offset = (offset * COUNT_UNIT + NEAR_UNITS).float().double()[segment]  # a float32 table
+    # one rounding each, like the FMAs (the products of two float32 are exact in float64)
+    estimate = (magnitude * (slope * COUNT_UNIT)[segment] + fixed_offset).float()
+    clamp = (fixed_offset * CLAMP_SCALE + CLAMP_BIAS).float()
+    fixed = torch.minimum(estimate, clamp).double().round().long()  # round half to even, as the kernels
+    near = (fixed & (COUNT_UNIT - 2 * NEAR_UNITS)) == 0
+    count = fixed >> 16
+    negative = x.to(torch.float32).view(torch.int32) < 0  # the sign bit: -0.0 gives the zero code either way
+    codes = torch.where(negative, (ZERO_CODE - count).clamp(min=0), ZERO_CODE + count).to(torch.uint8)
     return codes, near

@@ -230,24 +230,33 @@ inline float block_absmax(const float* v, int64_t n) {
 
 #if defined(CPU_CAPABILITY_AVX512)
 // AVX-512 (F, BW, DQ, VL and VBMI): no gathers, which cost about as much as the memory traffic here.
-//  * Dequantize 64 codes at once: byte p of every codebook value forms a 256-byte "plane", and VBMI's
-//    two-table byte permute looks up 64 bytes in 128 at once, so 4 planes x 2 halves give 64 floats' bytes,
-//    interleaved back into floats by unpacks (the codes are pre-permuted so the floats come out in order).
-//  * Quantize 16 lanes by arithmetic (the kSegment* tables of quant.h, one register each): the count of
+//  * Dequantize 64 codes at once: the map is symmetric about code 127 (0.0), so byte p of the 128
+//    magnitudes forms a 128-byte "plane", and VBMI's two-table byte permute looks up 64 bytes in it at once;
+//    4 planes give 64 floats' bytes, interleaved back into floats by unpacks (the codes are pre-permuted so
+//    the floats come out in order), with the sign set in the top byte.
+//  * Quantize 16 lanes by arithmetic (SegmentQuantizer, from the kSegment* tables of quant.h): the count of
 //    thresholds below |x| is linear inside a decade; lanes whose linear estimate lies within kSegmentNear
 //    of an integer (about 1 in 4,000 random values) take the scalar nearest_code instead.
+// Both keep their tables in registers and avoid work that costs a full 512-bit operation where a cheaper
+// one does (Zen 4 runs each as two 256-bit halves): about 27 cycles per 16 elements for the whole step.
 
+// The magnitude of code c is at index |int8(c ^ 127)| mod 128: c = 127 - m (m = 0..127) reads m, c = 128 + m
+// reads m + 1, so index 0 holds 1.0 (code 255; code 127, 0.0, is masked to zero instead).
 struct CodebookPlanes {
-  alignas(64) uint8_t bytes[4][256];  // bytes[p][c] = byte p of kSignedDynamicMap[c]
+  alignas(64) uint8_t bytes[4][128];  // bytes[p][j] = byte p of the magnitude at index j
   alignas(64) uint8_t order[64];      // code order that makes the unpacks below yield elements in order
 };
 
 constexpr CodebookPlanes make_codebook_planes() {
   CodebookPlanes planes{};
-  for (int c = 0; c < 256; ++c) {
-    const auto bits = std::bit_cast<uint32_t>(kSignedDynamicMap[c]);
+  for (int j = 0; j < 128; ++j) {
+    const float magnitude = kSignedDynamicMap[j == 0 ? 255 : kZeroCode + j];
+    if (kSignedDynamicMap[kZeroCode - j] != (j == 0 ? 0.0f : -magnitude)) {
+      throw "the map is not symmetric about code 127";  // fails the build
+    }
+    const auto bits = std::bit_cast<uint32_t>(magnitude);
     for (int p = 0; p < 4; ++p) {
-      planes.bytes[p][c] = static_cast<uint8_t>(bits >> (8 * p));
+      planes.bytes[p][j] = static_cast<uint8_t>(bits >> (8 * p));
     }
   }
   // Unpacking bytes to words to dwords works within 128-bit lanes: output vector q, lane l holds the bytes
@@ -264,40 +273,145 @@ constexpr CodebookPlanes make_codebook_planes() {
 
 constexpr CodebookPlanes kCodebookPlanes = make_codebook_planes();
 
+// quant.h's segment tables re-indexed for SegmentQuantizer: by "slot" = bits 24-28 of |x| (16 + the pair of
+// binades, as |x| >= 2^-31 after flooring) with bit 4 cleared above the pair's split, so one two-register
+// permute per table finds the segment's values without first finding the segment.
+//
+// Counts are in units of 2^-16 (kCountUnit) and offset by kNearUnits, so that rounding the estimate to an
+// integer gives the count in bits 16-23 and "near an integer count" is one test of the low 16 bits.
+constexpr int32_t kCountUnit = 1 << 16;
+constexpr int32_t kNearUnits = 4;  // kSegmentNear in count units
+static_assert(kNearUnits == static_cast<int32_t>(kSegmentNear * kCountUnit));
+
+// The clamp to a decade segment's last count needs no table: that segment's offset is 8/9 of 2^k and its
+// last count 2^(k+1) - 1, so kClampScale * offset + kClampBias is the last count plus one half (checked
+// below); for the segments without slope (0.0, the first code, 1.0) it lies above their constant estimate.
+constexpr float kClampScale = 2.25f;
+constexpr float kClampBias = -(kCountUnit / 2 - kNearUnits) - kClampScale * kNearUnits;
+
+struct SegmentSlots {
+  alignas(64) float slope[32];
+  alignas(64) float offset[32];
+  alignas(64) uint8_t count_byte[64];  // byte 2 of each 32-bit lane: the integer count (< 256)
+};
+
+constexpr SegmentSlots make_segment_slots() {
+  SegmentSlots slots{};
+  for (int pair = 0; pair < 16; ++pair) {
+    for (int above = 0; above < 2; ++above) {
+      const int segment = kSegmentBelow[pair] + above;
+      const int slot = above ? pair : 16 + pair;
+      slots.slope[slot] = kSegmentSlope[segment] * kCountUnit;  // exact: powers of two
+      slots.offset[slot] = kSegmentOffset[segment] * kCountUnit + kNearUnits;
+      // the clamp (computed with one more rounding in the kernel) lands mid-way between counts
+      const double clamp = static_cast<double>(kClampScale) * slots.offset[slot] + kClampBias;
+      const double last_half = kSegmentLast[segment] * kCountUnit + kCountUnit / 2 + kNearUnits;
+      if (kSegmentSlope[segment] != 0.0f ? (clamp < last_half - 64 || clamp > last_half + 64)
+                                         : clamp < slots.offset[slot] + 64) {
+        throw "kClampScale * offset + kClampBias is not the segment's last count";  // fails the build
+      }
+    }
+  }
+  for (int lane = 0; lane < 16; ++lane) {
+    slots.count_byte[lane] = static_cast<uint8_t>(4 * lane + 2);
+  }
+  return slots;
+}
+
+constexpr SegmentSlots kSegmentSlots = make_segment_slots();
+
 inline __mmask16 first_lanes16(int64_t n) {
   return n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1);
 }
 
+// The AVX-512 quantizer: its tables and constants, loaded into registers once per call of Codec::quantize.
+struct SegmentQuantizer {
+  __m512i split = _mm512_loadu_si512(kSegmentSplit);
+  __m512 slope[2] = {_mm512_load_ps(kSegmentSlots.slope), _mm512_load_ps(kSegmentSlots.slope + 16)};
+  __m512 offset[2] = {_mm512_load_ps(kSegmentSlots.offset), _mm512_load_ps(kSegmentSlots.offset + 16)};
+  __m512i count_byte = _mm512_load_si512(kSegmentSlots.count_byte);
+  __m512 floor_magnitude = opaque(_mm512_castsi512_ps(_mm512_set1_epi32(kSegmentExponentBase << 23)));
+  __m512i bit4 = opaque(_mm512_set1_epi32(16));
+  __m512i near_bits = opaque(_mm512_set1_epi32(0xffff & -(2 * kNearUnits)));
+  __m512 clamp_scale = opaque(_mm512_set1_ps(kClampScale));
+  __m512 clamp_bias = opaque(_mm512_set1_ps(kClampBias));
+  __m128i zero_code = opaque(_mm_set1_epi8(static_cast<char>(kZeroCode)));
+
+  // v, hidden from the optimizer, which would otherwise rebuild constants from immediates inside the loop
+  template <typename V>
+  static V opaque(V v) {
+    asm("" : "+v"(v));
+    return v;
+  }
+
+  // codes with the lanes set in `near` replaced by the table lookup's (out of line: rarely needed).
+  C10_NOINLINE static __m128i exact_near_lanes(__m512 x, __m128i codes, __mmask16 near) {
+    alignas(64) float lanes[16];
+    alignas(16) uint8_t result[16];
+    _mm512_store_ps(lanes, x);
+    _mm_store_si128(reinterpret_cast<__m128i*>(result), codes);
+    for (int j = 0; j < 16; ++j) {
+      if ((near >> j) & 1) {
+        result[j] = nearest_code(lanes[j]);
+      }
+    }
+    return _mm_load_si128(reinterpret_cast<const __m128i*>(result));
+  }
+
+  // Codes of 16 values x = v / absmax for a finite nonzero absmax (so |x| <= 1, never NaN).
+  C10_ALWAYS_INLINE __m128i operator()(__m512 x) const {
+    // |x|, raised to 2^-31 if smaller (all those count no thresholds): every lane's exponent is then in
+    // [96, 127], where bits 24-28 of |x| are 16 + the pair of binades. (VRANGEPS: larger magnitude, sign 0.)
+    const __m512i bits = _mm512_castps_si512(_mm512_range_ps(x, floor_magnitude, 0b1011));
+    const __m512i pair = _mm512_srli_epi32(bits, 24);
+    const __mmask16 above_split = _mm512_cmpgt_epi32_mask(bits, _mm512_permutexvar_epi32(pair, split));
+    const __m512i slot = _mm512_mask_xor_epi32(pair, above_split, pair, bit4);
+    // 2^16 times the segment's linear count, rounded to an integer: the count and its fraction in one lane.
+    const __m512 offset_of_slot = _mm512_permutex2var_ps(offset[0], slot, offset[1]);
+    const __m512 position =
+        _mm512_fmadd_ps(_mm512_castsi512_ps(bits), _mm512_permutex2var_ps(slope[0], slot, slope[1]), offset_of_slot);
+    const __m512i fixed = _mm512_cvt_roundps_epi32(_mm512_min_ps(position, _mm512_fmadd_ps(offset_of_slot, clamp_scale, clamp_bias)),
+                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    // Lanes within 4 / 2^16 of an integer count: the rounding of the estimate may have crossed it.
+    const __mmask16 near = _mm512_testn_epi32_mask(fixed, near_bits);
+    // The sign in bytes (a quarter of the work of 32-bit lanes): 127 + count, or 127 - count floored at 0.
+    const __m128i count_bytes = _mm512_castsi512_si128(_mm512_permutexvar_epi8(count_byte, fixed));
+    const __mmask16 negative = _mm512_movepi32_mask(_mm512_castps_si512(x));  // -0.0 gives 127 either way
+    __m128i codes = _mm_mask_subs_epu8(_mm_add_epi8(count_bytes, zero_code), negative, zero_code, count_bytes);
+    if (near != 0) [[unlikely]] {
+      codes = exact_near_lanes(x, codes, near);
+    }
+    return codes;
+  }
+};
+
 struct Codec {
   static constexpr int64_t kChunk = 64;  // elements decoded at once
-  __m512i planes[4][4];                  // [byte][quarter of the 256-entry table]
+  __m512i planes[4][2];                  // [byte][half of the 128-entry table]
   __m512i order;
-  __m512i below, split, last;
-  __m512 slope, offset;
+  __m512i zero_code = _mm512_set1_epi8(static_cast<char>(kZeroCode));
+  __m512i sign_bit = _mm512_set1_epi8(static_cast<char>(0x80));
 
   Codec() {
     for (int p = 0; p < 4; ++p) {
-      for (int quarter = 0; quarter < 4; ++quarter) {
-        planes[p][quarter] = _mm512_load_si512(kCodebookPlanes.bytes[p] + 64 * quarter);
+      for (int half = 0; half < 2; ++half) {
+        planes[p][half] = _mm512_load_si512(kCodebookPlanes.bytes[p] + 64 * half);
       }
     }
     order = _mm512_load_si512(kCodebookPlanes.order);
-    below = _mm512_loadu_si512(kSegmentBelow);
-    split = _mm512_loadu_si512(kSegmentSplit);
-    last = _mm512_loadu_si512(kSegmentLast);
-    slope = _mm512_loadu_ps(kSegmentSlope);
-    offset = _mm512_loadu_ps(kSegmentOffset);
   }
 
   // Codes 0..63 -> out[k] = elements 16 k .. 16 k + 15, times absmax.
-  void decode_chunk(const __m512i raw_codes, float absmax, Vectorized<float> (&out)[4]) const {
+  C10_ALWAYS_INLINE void decode_chunk(const __m512i raw_codes, float absmax, Vectorized<float> (&out)[4]) const {
     const __m512i codes = _mm512_permutexvar_epi8(order, raw_codes);
-    const __mmask64 upper_half = _mm512_movepi8_mask(codes);  // codes >= 128
+    const __m512i index = _mm512_abs_epi8(_mm512_xor_si512(codes, zero_code));
+    const __mmask64 nonzero = _mm512_cmpneq_epi8_mask(codes, zero_code);
+    const __mmask64 negative = _mm512_cmplt_epu8_mask(codes, zero_code);
     __m512i bytes[4];
     for (int p = 0; p < 4; ++p) {
-      bytes[p] = _mm512_mask_blend_epi8(upper_half, _mm512_permutex2var_epi8(planes[p][0], codes, planes[p][1]),
-                                        _mm512_permutex2var_epi8(planes[p][2], codes, planes[p][3]));
+      bytes[p] = _mm512_maskz_permutex2var_epi8(nonzero, planes[p][0], index, planes[p][1]);
     }
+    bytes[3] = _mm512_mask_add_epi8(bytes[3], negative, bytes[3], sign_bit);  // top bits are 0: sets the sign
     const __m512i low01 = _mm512_unpacklo_epi8(bytes[0], bytes[1]);
     const __m512i high01 = _mm512_unpackhi_epi8(bytes[0], bytes[1]);
     const __m512i low23 = _mm512_unpacklo_epi8(bytes[2], bytes[3]);
@@ -308,7 +422,7 @@ struct Codec {
     out[2] = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(high01, high23)), scale);
     out[3] = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(high01, high23)), scale);
   }
-  void decode_chunk(const uint8_t* codes, float absmax, Vectorized<float> (&out)[4]) const {
+  C10_ALWAYS_INLINE void decode_chunk(const uint8_t* codes, float absmax, Vectorized<float> (&out)[4]) const {
     decode_chunk(_mm512_loadu_si512(codes), absmax, out);
   }
 
@@ -324,45 +438,14 @@ struct Codec {
     }
   }
 
-  // Codes of 16 values x = v / absmax (|x| <= 1, or NaN).
-  __m128i codes16(__m512 x) const {
-    const __m512i bits = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff));
-    // The tables read bits 24-27 (pairs of binades from 2^-31; NaN's reads the pair of 1.0); smaller
-    // magnitudes are segment 0.
-    const __m512i binades = _mm512_srli_epi32(bits, 24);
-    const __mmask16 normal = _mm512_cmpge_epu32_mask(bits, _mm512_set1_epi32(kSegmentExponentBase << 23));
-    __m512i segment = _mm512_maskz_permutexvar_epi32(normal, binades, below);
-    const __mmask16 above_split = _mm512_cmpgt_epi32_mask(bits, _mm512_permutexvar_epi32(binades, split));
-    segment = _mm512_mask_add_epi32(segment, above_split, segment, _mm512_set1_epi32(1));
-    const __m512 position = _mm512_fmadd_ps(_mm512_castsi512_ps(bits), _mm512_permutexvar_ps(segment, slope),
-                                            _mm512_permutexvar_ps(segment, offset));
-    // NaN positions convert to 0xffffffff, which the minimum turns into the last count (code 255).
-    const __m512i count = _mm512_min_epu32(_mm512_cvttps_epu32(position), _mm512_permutexvar_epi32(segment, last));
-    // The sign in bytes (a quarter of the work of 32-bit lanes): 127 + count, or 127 - min(count, 127).
-    const __m128i count_bytes = _mm512_cvtepi32_epi8(count);
-    const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
-    const __m128i zero_code = _mm_set1_epi8(static_cast<char>(kZeroCode));
-    __m128i codes = _mm_mask_sub_epi8(_mm_add_epi8(count_bytes, zero_code), negative, zero_code,
-                                      _mm_min_epu8(count_bytes, zero_code));
-    const __m512 from_integer = _mm512_reduce_ps(position, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __mmask16 near =
-        _mm512_cmp_ps_mask(_mm512_abs_ps(from_integer), _mm512_set1_ps(kSegmentNear), _CMP_LT_OQ);
-    if (near != 0) [[unlikely]] {
-      alignas(64) float lanes[16];
-      alignas(16) uint8_t result[16];
-      _mm512_store_ps(lanes, x);
-      _mm_store_si128(reinterpret_cast<__m128i*>(result), codes);
-      for (int j = 0; j < 16; ++j) {
-        if ((near >> j) & 1) {
-          result[j] = nearest_code(lanes[j]);
-        }
+  C10_ALWAYS_INLINE void quantize(const float* v, float absmax, int64_t n, uint8_t* codes) const {
+    if (!std::isfinite(absmax)) [[unlikely]] {  // NaN or inf in the block: every x is 0 or NaN
+      for (int64_t i = 0; i < n; ++i) {
+        codes[i] = nearest_code(v[i] / absmax);
       }
-      codes = _mm_load_si128(reinterpret_cast<const __m128i*>(result));
+      return;
     }
-    return codes;
-  }
-
-  void quantize(const float* v, float absmax, int64_t n, uint8_t* codes) const {
+    const SegmentQuantizer codes16;
     const __m512 scale = _mm512_set1_ps(absmax);
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
@@ -450,7 +533,7 @@ constexpr int kChunkVectors = Codec::kChunk / Vectorized<float>::size();
 static_assert(kChunkVectors % kParts == 0);
 
 // Codes of a block whose absmax is already known.
-inline void quantize_with_absmax(const Codec& codec, const float* v, int64_t n, float absmax, uint8_t* codes) {
+C10_ALWAYS_INLINE void quantize_with_absmax(const Codec& codec, const float* v, int64_t n, float absmax, uint8_t* codes) {
   if (absmax == 0.0f) {
     std::fill(codes, codes + n, kZeroCode);
     return;
@@ -488,7 +571,7 @@ void sgd_update(at::TensorList params, at::TensorList grads, at::TensorList mome
 // The 8-bit step for Codec::kChunk elements: decode the old buffer, apply the rule, store the params and
 // the new buffer (float) into `buf`, and with kTrack fold |buf| into `running`.
 template <bool kTrack, typename T>
-inline void update_chunk_8bit(T* param, const T* grad, const uint8_t* code, float* buf, float old_absmax,
+C10_ALWAYS_INLINE void update_chunk_8bit(T* param, const T* grad, const uint8_t* code, float* buf, float old_absmax,
                               const SgdHyper<float>& h, const Codec& codec, AbsMax& running) {
   Vectorized<float> b[kChunkVectors];
   if (h.first_step) {
@@ -521,7 +604,7 @@ struct PendingCodes {
   float absmax = 0.0f;
 
   // Writes up to `count` more codes.
-  void quantize_next(const Codec& codec, int64_t count) {
+  C10_ALWAYS_INLINE void quantize_next(const Codec& codec, int64_t count) {
     count = std::min(count, size - done);
     if (count > 0) {
       quantize_with_absmax(codec, buf + done, count, absmax, code + done);
