@@ -198,12 +198,22 @@ struct AbsMax {
   }
   // The max over lanes; NaN (canonical) if any lane saw one.
   float value() const {
+#if defined(CPU_CAPABILITY_AVX512)
+    const int32_t result = _mm512_reduce_max_epi32(bits);
+#elif defined(CPU_CAPABILITY_AVX2)
+    // a shuffle tree: compilers turn the lane loop below into a chain of ~30 extracts and maxes
+    __m128i m = _mm_max_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+    m = _mm_max_epi32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(1, 0, 3, 2)));
+    m = _mm_max_epi32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(2, 3, 0, 1)));
+    const int32_t result = _mm_cvtsi128_si32(m);
+#else
     int32_t lanes[Vectorized<int32_t>::size()];
     bits.store(lanes);
     int32_t result = 0;
     for (int32_t lane : lanes) {
       result = std::max(result, lane);
     }
+#endif
     return canonical_nan(c10::bit_cast<float>(result));
   }
 };
