@@ -248,7 +248,7 @@ inline float block_absmax(const float* v, int64_t n) {
 //    thresholds below |x| is linear inside a decade; lanes whose linear estimate lies within kSegmentNear
 //    of an integer (about 1 in 4,000 random values) take the scalar nearest_code instead.
 // Both keep their tables in registers and avoid work that costs a full 512-bit operation where a cheaper
-// one does (Zen 4 runs each as two 256-bit halves): about 27 cycles per 16 elements for the whole step.
+// one does (Zen 4 runs each as two 256-bit halves): about 26 cycles per 16 elements for the whole step.
 
 // The magnitude of code c is at index |int8(c ^ 127)| mod 128: c = 127 - m (m = 0..127) reads m, c = 128 + m
 // reads m + 1, so index 0 holds 1.0 (code 255; code 127, 0.0, is masked to zero instead).
