@@ -243,6 +243,11 @@ inline constexpr float kSegmentOffset[16] = {
 inline constexpr int32_t kSegmentLast[16] = {
     0, 1, 3, 7, 15, 31, 63, 127, 128, 0, 0, 0, 0, 0, 0, 0,
 };
+// the AVX-512 kernels' fixed-point form (see torchsgd8.quantization)
+constexpr int32_t kCountUnit = 65536;
+constexpr int32_t kNearUnits = 4;
+constexpr float kClampScale = 0x1.2000000000000p+1f;
+constexpr float kClampBias = -0x1.000a000000000p+15f;
 // clang-format on
 
 // Nearest code to x (|x| <= 1), ties to the smaller magnitude, in O(1). The map is symmetric apart from

@@ -14,6 +14,10 @@ import numpy as np
 
 from torchsgd8.quantization import (
     BUCKET_SHIFT,
+    CLAMP_BIAS,
+    CLAMP_SCALE,
+    COUNT_UNIT,
+    NEAR_UNITS,
     SEGMENT_EXPONENT_BASE,
     SEGMENT_NEAR,
     bucket_offset,
@@ -56,3 +60,8 @@ print("// indexed by segment")
 print("inline constexpr float kSegmentSlope[16] = {\n" + c_floats(slope) + "\n};")
 print("inline constexpr float kSegmentOffset[16] = {\n" + c_floats(offset) + "\n};")
 print("inline constexpr int32_t kSegmentLast[16] = {\n" + c_ints(last) + "\n};")
+print("// the AVX-512 kernels' fixed-point form (see torchsgd8.quantization)")
+print(f"constexpr int32_t kCountUnit = {COUNT_UNIT};")
+print(f"constexpr int32_t kNearUnits = {NEAR_UNITS};")
+print(f"constexpr float kClampScale = {float(CLAMP_SCALE).hex()}f;")
+print(f"constexpr float kClampBias = {float(CLAMP_BIAS).hex()}f;")

@@ -140,7 +140,7 @@ def nearest_code_reference(x: torch.Tensor, qmap: torch.Tensor | None = None) ->
 SEGMENT_EXPONENT_BASE = 96  # magnitudes below 2**-31 are all in segment 0 (code of 0.0)
 SEGMENT_NEAR = 2.0**-14  # 8x the largest distance from an integer where trunc is wrong (7.6e-6)
 COUNT_UNIT = 2**16
-NEAR_UNITS = 4  # SEGMENT_NEAR * COUNT_UNIT
+NEAR_UNITS = int(SEGMENT_NEAR * COUNT_UNIT)  # 4
 # The clamp to the last count of a decade segment (offset 8/9 * 2**k, last count 2**(k+1) - 1), from its
 # fixed-point offset: CLAMP_SCALE * offset + CLAMP_BIAS = (last + 1/2) * COUNT_UNIT + NEAR_UNITS.
 CLAMP_SCALE = 2.25
@@ -204,7 +204,7 @@ def nearest_code_segments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     clamp = (fixed_offset * CLAMP_SCALE + CLAMP_BIAS).float()
     fixed = torch.minimum(estimate, clamp).double().round().long()  # round half to even, as the kernels
     near = (fixed & (COUNT_UNIT - 2 * NEAR_UNITS)) == 0
-    count = fixed >> 16
+    count = fixed // COUNT_UNIT
     negative = x.to(torch.float32).view(torch.int32) < 0  # the sign bit: -0.0 gives the zero code either way
     codes = torch.where(negative, (ZERO_CODE - count).clamp(min=0), ZERO_CODE + count).to(torch.uint8)
     return codes, near

@@ -289,15 +289,12 @@ constexpr CodebookPlanes kCodebookPlanes = make_codebook_planes();
 //
 // Counts are in units of 2^-16 (kCountUnit) and offset by kNearUnits, so that rounding the estimate to an
 // integer gives the count in bits 16-23 and "near an integer count" is one test of the low 16 bits.
-constexpr int32_t kCountUnit = 1 << 16;
-constexpr int32_t kNearUnits = 4;  // kSegmentNear in count units
+static_assert(kCountUnit == 1 << 16, "count_byte below reads byte 2 of each lane");
 static_assert(kNearUnits == static_cast<int32_t>(kSegmentNear * kCountUnit));
 
 // The clamp to a decade segment's last count needs no table: that segment's offset is 8/9 of 2^k and its
 // last count 2^(k+1) - 1, so kClampScale * offset + kClampBias is the last count plus one half (checked
 // below); for the segments without slope (0.0, the first code, 1.0) it lies above their constant estimate.
-constexpr float kClampScale = 2.25f;
-constexpr float kClampBias = -(kCountUnit / 2 - kNearUnits) - kClampScale * kNearUnits;
 
 struct SegmentSlots {
   alignas(64) float slope[32];
@@ -342,7 +339,7 @@ struct SegmentQuantizer {
   __m512i count_byte = _mm512_load_si512(kSegmentSlots.count_byte);
   __m512 floor_magnitude = opaque(_mm512_castsi512_ps(_mm512_set1_epi32(kSegmentExponentBase << 23)));
   __m512i bit4 = opaque(_mm512_set1_epi32(16));
-  __m512i near_bits = opaque(_mm512_set1_epi32(0xffff & -(2 * kNearUnits)));
+  __m512i near_bits = opaque(_mm512_set1_epi32(kCountUnit - 2 * kNearUnits));
   __m512 clamp_scale = opaque(_mm512_set1_ps(kClampScale));
   __m512 clamp_bias = opaque(_mm512_set1_ps(kClampBias));
   __m128i zero_code = opaque(_mm_set1_epi8(static_cast<char>(kZeroCode)));
