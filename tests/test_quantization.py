@@ -201,6 +201,30 @@ def test_codes_are_exact_nearest_over_a_million_values(gen):
         )
 
 
+def test_codes_are_exact_for_quotients_near_thresholds_at_every_scale(gen):
+    """value / absmax lands within a few ulps of a threshold for absmax of every binade from 2^-80 to 2^80,
+    random mantissas, and the edges 2^-64 and 2^64 (the AVX2 kernels compute the quotient by multiplying
+    with 1/absmax and an fma correction inside [2^-64, 2^64) and divide outside it)."""
+    thresholds = torch.from_numpy(positive_thresholds(QMAP.numpy())[:-1].view("int32").astype("int64"))
+    near = (thresholds[:, None] + torch.arange(-6, 7)).reshape(-1).to(torch.int32).view(torch.float32)
+    near = near[near <= 1]
+    ratios = torch.cat([near, -near, torch.rand(2000, generator=gen) * 2 - 1])
+    exponents = torch.arange(-80, 81, 4, dtype=torch.float64)
+    mantissas = 1 + torch.rand(exponents.numel(), generator=gen, dtype=torch.float64)
+    scales = torch.cat([mantissas * 2.0**exponents, torch.tensor([2.0**-64, 2.0**64])])
+    edges = torch.tensor([2.0**-64, 2.0**64], dtype=torch.float32)
+    scales = torch.cat([scales.to(torch.float32), next_f32(edges, -math.inf), next_f32(edges, math.inf)])
+    values = torch.cat([_blocks_with_absmax(ratios, a.item()) for a in scales])
+    codes, absmax = ops.quantize_blockwise(values)
+    ref_codes, ref_absmax = reference_quantize(values)
+    assert torch.equal(bits(absmax), bits(ref_absmax))
+    mismatch = (codes != ref_codes).nonzero().reshape(-1)
+    assert mismatch.numel() == 0, (
+        f"{mismatch.numel()} codes differ; first value {values[mismatch[0]].item()!r} with absmax "
+        f"{absmax[mismatch[0] // BLOCK_SIZE].item()!r}: kernel {codes[mismatch[0]].item()}, "
+        f"nearest {ref_codes[mismatch[0]].item()}")
+
+
 def test_ties_go_to_the_smaller_magnitude():
     mids = midpoints64()
     mids32 = mids.to(torch.float32)
