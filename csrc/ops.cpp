@@ -9,14 +9,31 @@
 // is nonzero nothing at all is changed. `rounding_seed` (an int64 0-dim tensor; bf16 params only)
 // turns on stochastic rounding of the new params, reproducible for a given seed.
 #include <Python.h>
+#include <c10/util/Exception.h>
 #include <torch/library.h>
+
+#include <exception>
 
 #include "cpu/kernels.h"
 
 namespace {
+// A C++ exception must not cross the C API (it would abort the interpreter): raise RuntimeError instead.
+template <typename Fn>
+PyObject* python_result(const Fn& fn) {
+  try {
+    return fn();
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
+}
+
 // Build facts for `python -m torchsgd8`; the ops themselves are reached through torch.ops.torchsgd8.
+// cpu_isa reads TORCHSGD8_CPU_ISA, which may be invalid.
 PyObject* cpu_isa(PyObject*, PyObject*) {
-  return PyUnicode_FromString(torchsgd8::cpu::kernels().isa);
+  return python_result([] { return PyUnicode_FromString(torchsgd8::cpu::kernels().isa); });
 }
 PyObject* cuda_kernels_compiled(PyObject*, PyObject*) {
 #if defined(TORCHSGD8_WITH_CUDA)

@@ -8,6 +8,7 @@ AVX2, AVX512) against each other, 64-bit sizes, and no memory growth over many s
     8-bit codes and absmax as the kernels this process uses (the widest the CPU runs) for a large input
     full of special values (zeros, signed zeros, subnormals, inf, NaN, every rounding threshold and its
     float neighbours), and the same optimizer steps;
+  * an invalid TORCHSGD8_CPU_ISA raises a RuntimeError, also from _C.cpu_isa();
   * sizes beyond 2**31: block counts, fake/meta shapes and the ops' argument checks at those sizes without
     touching memory; the real thing (a bf16 tensor of 2**31 + 300 elements) behind @pytest.mark.slow;
   * resident memory (/proc/self/statm) stays flat over 10,000 eager and 2,000 compiled steps.
@@ -15,6 +16,7 @@ AVX2, AVX512) against each other, 64-bit sizes, and no memory growth over many s
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import textwrap
 
@@ -247,6 +249,31 @@ def test_portable_kernels_take_the_same_optimizer_steps(portable):
     differing = [(i, x.dtype, tuple(x.shape)) for i, (x, y) in enumerate(zip(ours, theirs))
                  if not torch.equal(bits_of(x), bits_of(y))]
     assert not differing, f"{_C.cpu_isa()} and {portable['isa']} kernels differ in {differing}"
+
+
+@pytest.mark.parametrize("setting, value, message, failing", [
+    ("TORCHSGD8_CPU_ISA", "avx1024", "TORCHSGD8_CPU_ISA must be 'default', 'avx2' or 'avx512', got 'avx1024'",
+     ["cpu_isa", "step"]),
+])
+def test_invalid_cpu_settings_raise_runtime_errors(setting, value, message, failing):
+    code = textwrap.dedent('''
+        import torch, torchsgd8
+        from torchsgd8 import _C
+        p = torch.zeros(4096, requires_grad=True)
+        p.grad = torch.ones(4096)
+        step = torchsgd8.SGD8bit([p], lr=0.1, momentum=0.9).step
+        for name, query in (("cpu_isa", _C.cpu_isa), ("step", step)):
+            try:
+                query()
+            except RuntimeError as e:
+                print(name, str(e).splitlines()[0])
+    ''')
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **{setting: value}),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]  # no abort from an exception crossing the C API
+    raised = [line.split(" ", 1) for line in proc.stdout.splitlines()]
+    assert [name for name, _ in raised] == failing, proc.stdout
+    assert all(message in text for _, text in raised), proc.stdout
 
 
 # ---- 64-bit sizes -------------------------------------------------------------------------------------------
