@@ -29,6 +29,7 @@ Usage (see benchmarks/README.md):
   python benchmarks/bench_step.py                         # 1M, 16M, 64M params; mixed and single layouts
   python benchmarks/bench_step.py --sizes 1M --reps 3     # quick check
   python benchmarks/bench_step.py --isa avx2              # torchsgd8's AVX2 (or default: portable) kernels
+  python benchmarks/bench_step.py --prefetch 0            # torchsgd8's 8-bit kernels without software prefetch
   python benchmarks/bench_step.py --check-threads         # 8-bit results identical for 1 and 2 threads
   python benchmarks/bench_step.py --memory-check          # largest allocation during a step
 """
@@ -63,7 +64,8 @@ except Exception:  # not installed, or fails to load: its methods are simply una
 
 LR = 0.01
 MOMENTUM = 0.9
-ISA_ENV = "TORCHSGD8_CPU_ISA"
+# torchsgd8 reads these once per process: --isa / --prefetch re-run the benchmark with them set
+KERNEL_ENV = {"isa": "TORCHSGD8_CPU_ISA", "prefetch": "TORCHSGD8_CPU_PREFETCH"}
 DEFAULT_JSON = Path(__file__).resolve().parent / "out" / "bench.json"
 SUFFIXES = {"K": 2**10, "M": 2**20, "G": 2**30}
 AXPY_BYTES_PER_ELEMENT = 12
@@ -351,6 +353,7 @@ def machine_info() -> dict:
         "torch_version": torch.__version__,
         "torchsgd8_version": torchsgd8.__version__,
         "torchsgd8_cpu_isa": torchsgd8._C.cpu_isa(),
+        "torchsgd8_cpu_prefetch": torchsgd8._C.cpu_prefetch(),
         "bitsandbytes_version": getattr(bnb, "__version__", None),
         "python_version": platform.python_version(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -497,8 +500,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="use the usual Inductor cache (default: a fresh one, so compile times are cold)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})")
     parser.add_argument("--isa", choices=["default", "avx2", "avx512"], default=None,
-                        help=f"re-run with {ISA_ENV}=ISA: torchsgd8's kernels for that instruction set "
-                             "(default: the widest this CPU runs)")
+                        help=f"re-run with {KERNEL_ENV['isa']}=ISA: torchsgd8's kernels for that instruction "
+                             "set (default: the widest this CPU runs)")
+    parser.add_argument("--prefetch", choices=["0", "1"], default=None,
+                        help=f"re-run with {KERNEL_ENV['prefetch']}=0|1: the 8-bit kernels' software prefetch "
+                             "off or on (default: on for Intel CPUs)")
     parser.add_argument("--check-threads", action="store_true",
                         help="only check that torchsgd8 results are bit-identical for 1 and 2 threads")
     parser.add_argument("--memory-check", action="store_true",
@@ -515,10 +521,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.isa and os.environ.get(ISA_ENV) != args.isa:
-        # the kernels are chosen once per process, so the choice needs a fresh one
-        env = {**os.environ, ISA_ENV: args.isa}
-        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
+    forced = {env: value for option, env in KERNEL_ENV.items()
+              if (value := getattr(args, option)) is not None and os.environ.get(env) != value}
+    if forced:  # the kernels are chosen once per process, so the choice needs a fresh one
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], {**os.environ, **forced})
     if args.threads:
         torch.set_num_threads(args.threads)
     torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
@@ -528,7 +534,8 @@ def main(argv=None) -> int:
     threads = torch.get_num_threads()
     info = machine_info()
     print(f"{info['cpu_model']}, {info['cpu_count']} cpus, {threads} torch threads; torch {info['torch_version']}, "
-          f"torchsgd8 {info['torchsgd8_version']} ({info['torchsgd8_cpu_isa']}), "
+          f"torchsgd8 {info['torchsgd8_version']} ({info['torchsgd8_cpu_isa']}, prefetch "
+          f"{'on' if info['torchsgd8_cpu_prefetch'] else 'off'}), "
           f"bitsandbytes {info['bitsandbytes_version']}; Inductor cache: {'warm' if args.warm_cache else 'fresh'}")
 
     if args.check_threads or args.memory_check:

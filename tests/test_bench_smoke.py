@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_step.py"
 METHODS = ["torch_foreach", "torch_fused", "torchsgd8_fp32", "torchsgd8_8bit"]
 METHOD_FIELDS = {
@@ -15,6 +17,7 @@ METHOD_FIELDS = {
 }
 MACHINE_FIELDS = {
     "cpu_model", "cpu_count", "torch_threads", "torch_version", "torchsgd8_version", "torchsgd8_cpu_isa",
+    "torchsgd8_cpu_prefetch",
     "bitsandbytes_version", "date",
 }
 
@@ -46,3 +49,17 @@ def test_bench_step_writes_json(tmp_path):
         # 8-bit: 1 B codes + 4 B absmax per 256 elements (+ small fp32 vectors and the codebook)
         assert 1.0 < rows["torchsgd8_8bit"]["state_bytes_per_param"] < 1.2
         assert 14 < rows["torchsgd8_8bit"]["ideal_bytes_per_param"] < 16
+
+
+@pytest.mark.parametrize("prefetch", ["0", "1"])
+def test_bench_step_runs_the_kernel_settings_it_is_given(tmp_path, prefetch):
+    """--isa and --prefetch re-run the benchmark with TORCHSGD8_CPU_ISA / TORCHSGD8_CPU_PREFETCH set."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(BENCH), "--sizes", "64K", "--reps", "1", "--warmup", "1", "--layouts", "single",
+           "--methods", "torch_fused,torchsgd8_8bit", "--isa", "default", "--prefetch", prefetch, "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"(DEFAULT, prefetch {'on' if prefetch == '1' else 'off'})" in proc.stdout
+    machine = json.loads(out.read_text())["machine"]
+    assert machine["torchsgd8_cpu_isa"] == "DEFAULT"
+    assert machine["torchsgd8_cpu_prefetch"] is (prefetch == "1")

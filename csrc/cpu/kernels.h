@@ -41,4 +41,8 @@ extern const KernelTable kKernels;
 // The table used by the ops: the widest ISA this CPU supports, unless TORCHSGD8_CPU_ISA names another.
 const KernelTable& kernels();
 
+// Whether the 8-bit kernels prefetch ahead in software: on Intel CPUs, unless TORCHSGD8_CPU_PREFETCH=0|1
+// says otherwise. Results are the same either way.
+bool prefetch_ahead();
+
 }  // namespace torchsgd8::cpu

@@ -145,6 +145,26 @@ const KernelTable& kernels() {
   return table;
 }
 
+// Measured at 64M params in the 8-bit step: 20 % faster with 2 threads on an Intel Xeon (AVX-512 and AVX2
+// kernels alike), no change on AMD Zen 1, and a similar scheme 17-20 % slower on AMD Zen 4; so on by vendor.
+bool prefetch_ahead() {
+  static const bool enabled = [] {
+    const char* forced = std::getenv("TORCHSGD8_CPU_PREFETCH");
+    if (forced != nullptr) {
+      const std::string choice = forced;
+      TORCH_CHECK(choice == "0" || choice == "1", "torchsgd8: TORCHSGD8_CPU_PREFETCH must be '0' or '1', got '",
+                  choice, "'");
+      return choice == "1";
+    }
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+    return __builtin_cpu_is("intel") != 0;
+#else
+    return false;
+#endif
+  }();
+  return enabled;
+}
+
 TORCH_LIBRARY_IMPL(torchsgd8, CPU, m) {
   m.impl("sgd_update_", &sgd_update_cpu);
   m.impl("sgd8bit_update_", &sgd8bit_update_cpu);

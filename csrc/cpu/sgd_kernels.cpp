@@ -747,6 +747,26 @@ C10_ALWAYS_INLINE void update_chunk_8bit(T* param, const T* grad, const uint8_t*
   }
 }
 
+// Software prefetch of the chunk kPrefetchAhead elements ahead in each stream (params, grads, codes): one
+// 4 KiB page of float params, so the next page's walk and first misses start while this one is worked on;
+// the hardware prefetchers stop at page boundaries. Only where prefetch_ahead() says it pays (see there).
+constexpr int64_t kPrefetchAhead = 1024;
+
+template <typename T>
+C10_ALWAYS_INLINE void prefetch_chunk(const T* param, const T* grad, const uint8_t* code) {
+  // addresses as integers: the prefetched ones may lie past the end of the tensors (prefetch never faults)
+  const auto ahead = [](const void* p, uintptr_t bytes) {
+    return reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + bytes);
+  };
+  constexpr uintptr_t kLine = 64;
+  for (uintptr_t line = 0; line < Codec::kChunk * sizeof(T); line += kLine) {
+    __builtin_prefetch(ahead(param, kPrefetchAhead * sizeof(T) + line));
+    __builtin_prefetch(ahead(grad, kPrefetchAhead * sizeof(T) + line));
+  }
+  static_assert(Codec::kChunk <= kLine);
+  __builtin_prefetch(ahead(code, kPrefetchAhead));
+}
+
 // A block whose new buffer is computed (in a stack array) but not yet quantized.
 struct PendingCodes {
   const float* buf = nullptr;
@@ -772,7 +792,8 @@ struct PendingCodes {
 // core then has the next block's loads in flight while it quantizes (results are the same as block by block).
 template <typename T>
 void update_blocks_8bit(T* param, const T* grad, uint8_t* code, float* absmax, BlockLayout layout, int64_t first,
-                        int64_t last, const SgdHyper<float>& hyper, uint32_t tensor, const Codec& codec) {
+                        int64_t last, const SgdHyper<float>& hyper, uint32_t tensor, const Codec& codec,
+                        bool prefetch) {
   alignas(64) float bufs[2][kBlockSize];
   const SgdHyper<float> h = hyper;  // local copy: see update_range
   if (h.stochastic_rounding) {  // bf16 only: the rule runs in the scalar stochastic-rounding loop, block by block
@@ -800,6 +821,9 @@ void update_blocks_8bit(T* param, const T* grad, uint8_t* code, float* absmax, B
       AbsMax running;
       int64_t i = 0;
       for (; i + Codec::kChunk <= n; i += Codec::kChunk) {
+        if (prefetch) {
+          prefetch_chunk(param + start + i, grad + start + i, code + start + i);
+        }
         update_chunk_8bit<true>(param + start + i, grad + start + i, code + start + i, buf + i, old_absmax,
                                 rule_hyper, options, codec, running);
         pending.quantize_next(codec, Codec::kChunk);
@@ -830,11 +854,12 @@ void update_blocks_8bit(T* param, const T* grad, uint8_t* code, float* absmax, B
 template <typename scalar_t>
 void sgd8bit_update_typed(at::TensorList params, at::TensorList grads, at::TensorList codes,
                           at::TensorList absmax, const std::vector<BlockLayout>& layouts, const SgdHyper<float>& h) {
+  const bool prefetch = prefetch_ahead();
   parallel_over_blocks(block_counts(absmax), [&](size_t t, int64_t first, int64_t last) {
     const Codec codec;
     update_blocks_8bit(params[t].data_ptr<scalar_t>(), grads[t].const_data_ptr<scalar_t>(),
                        codes[t].data_ptr<uint8_t>(), absmax[t].data_ptr<float>(), layouts[t], first, last, h,
-                       static_cast<uint32_t>(t), codec);
+                       static_cast<uint32_t>(t), codec, prefetch);
   });
 }
 
