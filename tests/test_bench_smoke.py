@@ -17,8 +17,7 @@ METHOD_FIELDS = {
 }
 MACHINE_FIELDS = {
     "cpu_model", "cpu_count", "torch_threads", "torch_version", "torchsgd8_version", "torchsgd8_cpu_isa",
-    "torchsgd8_cpu_prefetch",
-    "bitsandbytes_version", "date",
+    "torchsgd8_cpu_prefetch", "bitsandbytes_version", "date",
 }
 
 
