@@ -30,6 +30,7 @@ Usage (see benchmarks/README.md):
   python benchmarks/bench_step.py --sizes 1M --reps 3     # quick check
   python benchmarks/bench_step.py --isa avx2              # torchsgd8's AVX2 (or default: portable) kernels
   python benchmarks/bench_step.py --prefetch 0            # torchsgd8's 8-bit kernels without software prefetch
+  python benchmarks/bench_step.py --isa avx2 --gather 0   # AVX2 kernels with scalar table loads, not gathers
   python benchmarks/bench_step.py --check-threads         # 8-bit results identical for 1 and 2 threads
   python benchmarks/bench_step.py --memory-check          # largest allocation during a step
 """
@@ -64,8 +65,9 @@ except Exception:  # not installed, or fails to load: its methods are simply una
 
 LR = 0.01
 MOMENTUM = 0.9
-# torchsgd8 reads these once per process: --isa / --prefetch re-run the benchmark with them set
-KERNEL_ENV = {"isa": "TORCHSGD8_CPU_ISA", "prefetch": "TORCHSGD8_CPU_PREFETCH"}
+# torchsgd8 reads these once per process: --isa / --prefetch / --gather re-run the benchmark with them set
+KERNEL_ENV = {"isa": "TORCHSGD8_CPU_ISA", "prefetch": "TORCHSGD8_CPU_PREFETCH", "gather": "TORCHSGD8_CPU_GATHER"}
+ON_OFF = {True: "on", False: "off"}
 DEFAULT_JSON = Path(__file__).resolve().parent / "out" / "bench.json"
 SUFFIXES = {"K": 2**10, "M": 2**20, "G": 2**30}
 AXPY_BYTES_PER_ELEMENT = 12
@@ -354,6 +356,7 @@ def machine_info() -> dict:
         "torchsgd8_version": torchsgd8.__version__,
         "torchsgd8_cpu_isa": torchsgd8._C.cpu_isa(),
         "torchsgd8_cpu_prefetch": torchsgd8._C.cpu_prefetch(),
+        "torchsgd8_cpu_gather": torchsgd8._C.cpu_gather(),
         "bitsandbytes_version": getattr(bnb, "__version__", None),
         "python_version": platform.python_version(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -505,6 +508,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prefetch", choices=["0", "1"], default=None,
                         help=f"re-run with {KERNEL_ENV['prefetch']}=0|1: the 8-bit kernels' software prefetch "
                              "off or on (default: on for Intel CPUs)")
+    parser.add_argument("--gather", choices=["0", "1"], default=None,
+                        help=f"re-run with {KERNEL_ENV['gather']}=0|1: the AVX2 kernels' table reads by scalar "
+                             "loads or by gathers (default: gathers on Intel CPUs where they are fast)")
     parser.add_argument("--check-threads", action="store_true",
                         help="only check that torchsgd8 results are bit-identical for 1 and 2 threads")
     parser.add_argument("--memory-check", action="store_true",
@@ -534,8 +540,8 @@ def main(argv=None) -> int:
     threads = torch.get_num_threads()
     info = machine_info()
     print(f"{info['cpu_model']}, {info['cpu_count']} cpus, {threads} torch threads; torch {info['torch_version']}, "
-          f"torchsgd8 {info['torchsgd8_version']} ({info['torchsgd8_cpu_isa']}, prefetch "
-          f"{'on' if info['torchsgd8_cpu_prefetch'] else 'off'}), "
+          f"torchsgd8 {info['torchsgd8_version']} ({info['torchsgd8_cpu_isa']}, "
+          f"prefetch {ON_OFF[info['torchsgd8_cpu_prefetch']]}, gather {ON_OFF[info['torchsgd8_cpu_gather']]}), "
           f"bitsandbytes {info['bitsandbytes_version']}; Inductor cache: {'warm' if args.warm_cache else 'fresh'}")
 
     if args.check_threads or args.memory_check:

@@ -31,12 +31,15 @@ PyObject* python_result(const Fn& fn) {
 }
 
 // Build facts for `python -m torchsgd8`; the ops themselves are reached through torch.ops.torchsgd8.
-// The CPU ones read TORCHSGD8_CPU_ISA / TORCHSGD8_CPU_PREFETCH, which may be invalid.
+// The CPU ones read TORCHSGD8_CPU_ISA / _PREFETCH / _GATHER, which may be invalid.
 PyObject* cpu_isa(PyObject*, PyObject*) {
   return python_result([] { return PyUnicode_FromString(torchsgd8::cpu::kernels().isa); });
 }
 PyObject* cpu_prefetch(PyObject*, PyObject*) {
   return python_result([] { return PyBool_FromLong(torchsgd8::cpu::prefetch_ahead()); });
+}
+PyObject* cpu_gather(PyObject*, PyObject*) {
+  return python_result([] { return PyBool_FromLong(torchsgd8::cpu::gather_table_reads()); });
 }
 PyObject* cuda_kernels_compiled(PyObject*, PyObject*) {
 #if defined(TORCHSGD8_WITH_CUDA)
@@ -52,6 +55,7 @@ PyMethodDef module_methods[] = {
     {"built_against_torch", built_against_torch, METH_NOARGS, "torch version this library was compiled against."},
     {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set of the CPU kernels in use (DEFAULT, AVX2 or AVX512)."},
     {"cpu_prefetch", cpu_prefetch, METH_NOARGS, "Whether the CPU 8-bit kernels prefetch ahead in software."},
+    {"cpu_gather", cpu_gather, METH_NOARGS, "Whether the AVX2 kernels read tables by gathers, not scalar loads."},
     {"cuda_kernels_compiled", cuda_kernels_compiled, METH_NOARGS, "Whether CUDA kernels are built in."},
     {nullptr, nullptr, 0, nullptr}};
 }  // namespace

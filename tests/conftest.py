@@ -40,16 +40,17 @@ def restore_threads():
 
 @pytest.fixture(scope="session")
 def run_with_kernel_set():
-    """run(isa, argv, timeout) -> CompletedProcess of argv with TORCHSGD8_CPU_ISA=isa (the choice is made
-    once per process, hence a subprocess). Skips when isa is this process's own kernel set (tested in
-    process) or when this CPU or build has no such kernels; fails on any other error."""
+    """run(isa, argv, timeout, settings=None) -> CompletedProcess of argv with TORCHSGD8_CPU_ISA=isa and the
+    other environment settings given (read once per process, hence a subprocess). Skips when isa is this
+    process's own kernel set and no settings are given (tested in process) or when this CPU or build has
+    no such kernels; fails on any other error."""
     from torchsgd8 import _C
 
-    def run(isa: str, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
-        if _C.cpu_isa() == isa.upper():
+    def run(isa: str, argv: list[str], timeout: float, settings: dict | None = None) -> subprocess.CompletedProcess:
+        if _C.cpu_isa() == isa.upper() and not settings:
             pytest.skip(f"{isa} is the kernel set of this process")
-        proc = subprocess.run(argv, env=dict(os.environ, TORCHSGD8_CPU_ISA=isa), capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(argv, env=dict(os.environ, TORCHSGD8_CPU_ISA=isa, **(settings or {})),
+                              capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 and "but this CPU or build lacks" in proc.stderr:
             pytest.skip(f"this CPU or build has no {isa} kernels")
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -17,7 +17,7 @@ METHOD_FIELDS = {
 }
 MACHINE_FIELDS = {
     "cpu_model", "cpu_count", "torch_threads", "torch_version", "torchsgd8_version", "torchsgd8_cpu_isa",
-    "torchsgd8_cpu_prefetch", "bitsandbytes_version", "date",
+    "torchsgd8_cpu_prefetch", "torchsgd8_cpu_gather", "bitsandbytes_version", "date",
 }
 
 
@@ -50,15 +50,18 @@ def test_bench_step_writes_json(tmp_path):
         assert 14 < rows["torchsgd8_8bit"]["ideal_bytes_per_param"] < 16
 
 
-@pytest.mark.parametrize("prefetch", ["0", "1"])
-def test_bench_step_runs_the_kernel_settings_it_is_given(tmp_path, prefetch):
-    """--isa and --prefetch re-run the benchmark with TORCHSGD8_CPU_ISA / TORCHSGD8_CPU_PREFETCH set."""
+@pytest.mark.parametrize("prefetch, gather", [("0", "1"), ("1", "0")])
+def test_bench_step_runs_the_kernel_settings_it_is_given(tmp_path, prefetch, gather):
+    """--isa, --prefetch and --gather re-run the benchmark with TORCHSGD8_CPU_ISA / _PREFETCH / _GATHER set."""
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(BENCH), "--sizes", "64K", "--reps", "1", "--warmup", "1", "--layouts", "single",
-           "--methods", "torch_fused,torchsgd8_8bit", "--isa", "default", "--prefetch", prefetch, "--json", str(out)]
+           "--methods", "torch_fused,torchsgd8_8bit", "--isa", "default", "--prefetch", prefetch, "--gather", gather,
+           "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"(DEFAULT, prefetch {'on' if prefetch == '1' else 'off'})" in proc.stdout
+    on_off = {"0": "off", "1": "on"}
+    assert f"(DEFAULT, prefetch {on_off[prefetch]}, gather {on_off[gather]})" in proc.stdout
     machine = json.loads(out.read_text())["machine"]
     assert machine["torchsgd8_cpu_isa"] == "DEFAULT"
     assert machine["torchsgd8_cpu_prefetch"] is (prefetch == "1")
+    assert machine["torchsgd8_cpu_gather"] is (gather == "1")

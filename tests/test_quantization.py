@@ -325,17 +325,27 @@ def _check_every_float_in_the_unit_interval():
         assert mismatch.numel() == 0, f"bits {start:#x}+: ratios {ratios[mismatch[:5]].tolist()}"
 
 
+KERNEL_VARIANTS = {  # name: (TORCHSGD8_CPU_ISA, other settings)
+    "default": ("default", None),
+    "avx2 gathers": ("avx2", {"TORCHSGD8_CPU_GATHER": "1"}),
+    "avx2 scalar loads": ("avx2", {"TORCHSGD8_CPU_GATHER": "0"}),
+    "avx512": ("avx512", None),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("isa", ["in use", "default", "avx2", "avx512"])
-def test_codes_are_exact_for_every_float_in_the_unit_interval(isa, run_with_kernel_set):
+@pytest.mark.parametrize("variant", ["in use", *KERNEL_VARIANTS])
+def test_codes_are_exact_for_every_float_in_the_unit_interval(variant, run_with_kernel_set):
     """Both signs of all 2**30 floats in [0, 1], for the kernels in use and (in a subprocess: the choice is
-    made once per process) every other set this CPU runs."""
-    if isa == "in use":
+    made once per process) every other set this CPU runs, the AVX2 one with both kinds of table reads."""
+    if variant == "in use":
         _check_every_float_in_the_unit_interval()
         return
+    isa, settings = KERNEL_VARIANTS[variant]
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_quantization as t; "
             "from torchsgd8 import _C; print(_C.cpu_isa()); t._check_every_float_in_the_unit_interval()")
-    proc = run_with_kernel_set(isa, [sys.executable, "-c", code, os.path.dirname(__file__)], timeout=1200)
+    proc = run_with_kernel_set(isa, [sys.executable, "-c", code, os.path.dirname(__file__)], timeout=1200,
+                               settings=settings)
     assert proc.stdout.split()[0] == isa.upper()
 
 

@@ -8,8 +8,9 @@ AVX2, AVX512) against each other, 64-bit sizes, and no memory growth over many s
     8-bit codes and absmax as the kernels this process uses (the widest the CPU runs) for a large input
     full of special values (zeros, signed zeros, subnormals, inf, NaN, every rounding threshold and its
     float neighbours), and the same optimizer steps;
-  * TORCHSGD8_CPU_PREFETCH=0 / 1 (the 8-bit kernels' software prefetch) gives the same steps; invalid
-    values of either setting raise a RuntimeError, also from _C.cpu_isa() / _C.cpu_prefetch();
+  * TORCHSGD8_CPU_PREFETCH=0 / 1 (the 8-bit kernels' software prefetch) and, for the AVX2 kernels,
+    TORCHSGD8_CPU_GATHER=0 / 1 (table reads by gathers or scalar loads) give the same bits; an invalid
+    value of any setting raises a RuntimeError at the first op, also from _C.cpu_isa() and the like;
   * sizes beyond 2**31: block counts, fake/meta shapes and the ops' argument checks at those sizes without
     touching memory; the real thing (a bf16 tensor of 2**31 + 300 elements) behind @pytest.mark.slow;
   * resident memory (/proc/self/statm) stays flat over 10,000 eager and 2,000 compiled steps.
@@ -252,40 +253,58 @@ def test_portable_kernels_take_the_same_optimizer_steps(portable):
     assert not differing, f"{_C.cpu_isa()} and {portable['isa']} kernels differ in {differing}"
 
 
-PREFETCH_SCRIPT = textwrap.dedent('''
+TUNING_SCRIPT = textwrap.dedent('''
     import sys
     sys.path.insert(0, sys.argv[1])
     import torch
-    from torchsgd8 import _C
+    from torchsgd8 import _C, ops
     import test_robustness as t
 
-    torch.save({"prefetch": _C.cpu_prefetch(), "run": t.training_run()}, sys.argv[2])
+    codes, absmax = ops.quantize_blockwise(t.special_values())
+    torch.save({"isa": _C.cpu_isa(), "prefetch": _C.cpu_prefetch(), "gather": _C.cpu_gather(),
+                "run": t.training_run() + [codes, absmax, ops.dequantize_blockwise(codes, absmax)]}, sys.argv[2])
 ''')
 
 
-def test_software_prefetch_changes_no_result(tmp_path):
-    """The 8-bit kernels' prefetch (on by default on Intel CPUs) is only a hint: the steps are bit-identical
-    with it forced off and on (read once per process, hence subprocesses), and equal this process's."""
-    script = tmp_path / "prefetch.py"
-    script.write_text(PREFETCH_SCRIPT)
+@pytest.mark.parametrize("setting, query, isa", [
+    ("TORCHSGD8_CPU_PREFETCH", "prefetch", None),  # the 8-bit kernels of every ISA prefetch alike
+    ("TORCHSGD8_CPU_GATHER", "gather", "avx2"),    # only the AVX2 kernels gather
+])
+def test_tuning_settings_change_no_result(tmp_path, setting, query, isa):
+    """The kernels' tuning settings (read once per process, hence subprocesses) change speed, not results:
+    steps, codes, absmax and dequantized values are bit-identical with each forced off and on, and equal
+    this process's (whose kernels the cross-ISA tests above hold to the same bits)."""
+    script = tmp_path / "tuning.py"
+    script.write_text(TUNING_SCRIPT)
+    env = dict(os.environ, **({"TORCHSGD8_CPU_ISA": isa} if isa else {}))
     runs = {}
     for flag in ("0", "1"):
         out = tmp_path / f"out{flag}.pt"
         proc = subprocess.run([sys.executable, str(script), os.path.dirname(__file__), str(out)],
-                              env=dict(os.environ, TORCHSGD8_CPU_PREFETCH=flag), capture_output=True, text=True,
-                              timeout=300)
+                              env=dict(env, **{setting: flag}), capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0 and "but this CPU or build lacks" in proc.stderr:
+            pytest.skip(f"this CPU or build has no {isa} kernels")
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[flag] = torch.load(out)
-    assert runs["0"]["prefetch"] is False and runs["1"]["prefetch"] is True
-    assert_same_bits(runs["0"]["run"], runs["1"]["run"], "prefetch on vs off")
-    assert_same_bits(training_run(), runs["1"]["run"], "this process vs prefetch on")
+        assert runs[flag][query] is (flag == "1")
+        assert isa is None or runs[flag]["isa"] == isa.upper()
+    assert_same_bits(runs["0"]["run"], runs["1"]["run"], f"{setting}=0 vs 1")
+    codes, absmax = ops.quantize_blockwise(special_values())
+    ours = training_run() + [codes, absmax, ops.dequantize_blockwise(codes, absmax)]
+    # NaN blocks' absmax may differ in NaN encoding between kernel sets (see the portable tests)
+    for i in (-2, -1):
+        ours[i] = torch.nan_to_num(ours[i], nan=7.0)
+        runs["1"]["run"][i] = torch.nan_to_num(runs["1"]["run"][i], nan=7.0)
+    assert_same_bits(ours, runs["1"]["run"], f"this process vs {setting}=1")
 
 
 @pytest.mark.parametrize("setting, value, message, failing", [
     ("TORCHSGD8_CPU_ISA", "avx1024", "TORCHSGD8_CPU_ISA must be 'default', 'avx2' or 'avx512', got 'avx1024'",
      ["cpu_isa", "step"]),
     ("TORCHSGD8_CPU_PREFETCH", "yes", "TORCHSGD8_CPU_PREFETCH must be '0' or '1', got 'yes'",
-     ["cpu_prefetch", "step"]),
+     ["cpu_isa", "cpu_prefetch", "step"]),
+    ("TORCHSGD8_CPU_GATHER", "on", "TORCHSGD8_CPU_GATHER must be '0' or '1', got 'on'",
+     ["cpu_isa", "cpu_gather", "step"]),
 ])
 def test_invalid_cpu_settings_raise_runtime_errors(setting, value, message, failing):
     code = textwrap.dedent('''
@@ -294,7 +313,8 @@ def test_invalid_cpu_settings_raise_runtime_errors(setting, value, message, fail
         p = torch.zeros(4096, requires_grad=True)
         p.grad = torch.ones(4096)
         step = torchsgd8.SGD8bit([p], lr=0.1, momentum=0.9).step
-        for name, query in (("cpu_isa", _C.cpu_isa), ("cpu_prefetch", _C.cpu_prefetch), ("step", step)):
+        for name, query in (("cpu_isa", _C.cpu_isa), ("cpu_prefetch", _C.cpu_prefetch), ("cpu_gather", _C.cpu_gather),
+                            ("step", step)):
             try:
                 query()
             except RuntimeError as e:

@@ -41,8 +41,12 @@ extern const KernelTable kKernels;
 // The table used by the ops: the widest ISA this CPU supports, unless TORCHSGD8_CPU_ISA names another.
 const KernelTable& kernels();
 
+// Tuning of the CPU kernels, each read once per process; results are the same bits either way.
 // Whether the 8-bit kernels prefetch ahead in software: on Intel CPUs, unless TORCHSGD8_CPU_PREFETCH=0|1
-// says otherwise. Results are the same either way.
+// says otherwise.
 bool prefetch_ahead();
+// Whether the AVX2 kernels read their tables with gathers rather than scalar loads: on Intel CPUs whose
+// gathers are not slowed by the Gather Data Sampling mitigation, unless TORCHSGD8_CPU_GATHER=0|1 says otherwise.
+bool gather_table_reads();
 
 }  // namespace torchsgd8::cpu

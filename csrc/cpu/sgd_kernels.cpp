@@ -516,13 +516,16 @@ struct Codec {
 };
 
 #elif defined(CPU_CAPABILITY_AVX2)
-// AVX2 without gathers or divisions. Where vpgatherdd is microcoded (AMD Zen 1/2: ~18 cycles per 8 lanes) and
-// vdivps slow (~6), those two were most of the step. Instead:
+// AVX2 without divisions, and without gathers where they are slow. Where vpgatherdd is microcoded (AMD Zen
+// 1/2: ~18 cycles per 8 lanes) and vdivps slow (~6), those two were most of the step. Instead:
 //  * table reads are scalar loads inserted into vectors: they run on the load units beside the arithmetic;
+//    but the inserts all need one shuffle port on Intel cores, where a gather costs ~3.6 TSC cycles per 8
+//    lanes: there (gather_table_reads()) the two table reads are gathers, 21 % faster from DRAM;
 //  * v / absmax is computed exactly by multiplying with the reciprocal and one fma correction (ExactQuotient);
 //  * the count of thresholds below |x| is one subtraction from a per-half-bucket bias (kHalfBucketBias);
 //  * 32 codes are packed by byte shuffles and written at once.
-// The whole step: about 4.7 TSC cycles (2.0 GHz) per element on Zen 1 from L2, against 6.8 with gathers.
+// The whole step from L2: about 4.7 TSC cycles (2.0 GHz) per element on Zen 1, against 6.8 with gathers; on
+// an Intel Xeon 2.25 TSC cycles (2.6 GHz) with scalar loads, 1.6-1.7 with gathers.
 
 // kBucketTable at half-bucket resolution (|x|'s float bits >> 16), folded into one bias per half bucket so
 // that the count of thresholds below |x| is byte 2 of (bits(|x|) - bias): with the half bucket's base count
@@ -572,9 +575,14 @@ inline constexpr CodeBytes kCodeBytes = code_bytes();
 
 struct Codec {
   static constexpr int64_t kChunk = 2 * kStep<float>;  // 32: one quantize step (see quantize)
+  bool gather = gather_table_reads();  // table reads by vpgatherdd instead of scalar loads (same values)
 
   // The codebook values of codes[0..8).
-  static C10_ALWAYS_INLINE __m256 lookup8(const uint8_t* codes) {
+  C10_ALWAYS_INLINE __m256 lookup8(const uint8_t* codes) const {
+    if (gather) {
+      const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes));
+      return _mm256_i32gather_ps(kSignedDynamicMap, _mm256_cvtepu8_epi32(eight), sizeof(float));
+    }
     uint64_t w;
     std::memcpy(&w, codes, sizeof(w));
     const float* map = kSignedDynamicMap;
@@ -602,20 +610,25 @@ struct Codec {
   }
 
   // Code << 16 of 8 lanes of quotients x (|x| <= 1).
-  static C10_ALWAYS_INLINE __m256i shifted_codes8(__m256i x) {
+  C10_ALWAYS_INLINE __m256i shifted_codes8(__m256i x) const {
     // |x|'s bits, raised to the first half bucket (everything below it has count 0)
     const __m256i bits = _mm256_max_epi32(_mm256_and_si256(x, _mm256_set1_epi32(0x7fffffff)),
                                           _mm256_set1_epi32(kHalfBucketOffset << 16));
-    // the 8 biases by scalar loads (the half bucket indexes come out two per 64-bit lane)
+    // the 8 biases, indexed by the half bucket bits >> 16
     const int32_t* bias = kHalfBucketBias.data() - kHalfBucketOffset;
-    const __m128i lo = _mm256_castsi256_si128(bits);
-    const __m128i hi = _mm256_extracti128_si256(bits, 1);
-    const uint64_t pairs[4] = {static_cast<uint64_t>(_mm_cvtsi128_si64(lo)), static_cast<uint64_t>(_mm_extract_epi64(lo, 1)),
-                               static_cast<uint64_t>(_mm_cvtsi128_si64(hi)), static_cast<uint64_t>(_mm_extract_epi64(hi, 1))};
-    const __m256i biases = _mm256_setr_epi32(
-        bias[static_cast<uint32_t>(pairs[0]) >> 16], bias[pairs[0] >> 48], bias[static_cast<uint32_t>(pairs[1]) >> 16],
-        bias[pairs[1] >> 48], bias[static_cast<uint32_t>(pairs[2]) >> 16], bias[pairs[2] >> 48],
-        bias[static_cast<uint32_t>(pairs[3]) >> 16], bias[pairs[3] >> 48]);
+    __m256i biases;
+    if (gather) {
+      biases = _mm256_i32gather_epi32(bias, _mm256_srli_epi32(bits, 16), sizeof(int32_t));
+    } else {  // scalar loads: the indexes come out two per 64-bit lane
+      const __m128i lo = _mm256_castsi256_si128(bits);
+      const __m128i hi = _mm256_extracti128_si256(bits, 1);
+      const uint64_t pairs[4] = {static_cast<uint64_t>(_mm_cvtsi128_si64(lo)), static_cast<uint64_t>(_mm_extract_epi64(lo, 1)),
+                                 static_cast<uint64_t>(_mm_cvtsi128_si64(hi)), static_cast<uint64_t>(_mm_extract_epi64(hi, 1))};
+      biases = _mm256_setr_epi32(
+          bias[static_cast<uint32_t>(pairs[0]) >> 16], bias[pairs[0] >> 48], bias[static_cast<uint32_t>(pairs[1]) >> 16],
+          bias[pairs[1] >> 48], bias[static_cast<uint32_t>(pairs[2]) >> 16], bias[pairs[2] >> 48],
+          bias[static_cast<uint32_t>(pairs[3]) >> 16], bias[pairs[3] >> 48]);
+    }
     const __m256i count = _mm256_and_si256(_mm256_sub_epi32(bits, biases), _mm256_set1_epi32(0x00ff0000));
     // 127 + count, or 127 - count for negative x (sign_epi32 also zeroes count where x is +-0, whose count is 0);
     // -1.0 gives 127 - 128, clamped to code 0 like nearest_code's min(c, 127)
