@@ -45,6 +45,14 @@ struct BlockLayout {
     const int64_t rest = row_length - (block % blocks_per_row) * kBlockSize;
     return rest < kBlockSize ? rest : kBlockSize;
   }
+  // The first block that starts at or after `element` (the number of blocks, at the end of the tensor).
+  TORCHSGD8_HOST_DEVICE int64_t first_block_from(int64_t element) const {
+    if (row_length == 0) {
+      return 0;
+    }
+    const int64_t row = element / row_length;
+    return row * blocks_per_row + num_blocks(element - row * row_length);
+  }
 };
 
 // clang-format off

@@ -190,6 +190,8 @@ def reference_8bit_step(param, grad, codes, absmax, *, lr, momentum, dampening, 
     return new_param, new_codes.reshape(shape), new_absmax
 
 
+PER_ROW_SHAPES = ((20, 257), (16, 5, 60), (257, 301))  # 8-bit state blocked per row (see below)
+
 STEP_CONFIGS = [
     dict(lr=0.01, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False),
     dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=0.01, nesterov=True, maximize=False),
@@ -200,8 +202,9 @@ STEP_CONFIGS = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("cfg", STEP_CONFIGS, ids=["plain", "nesterov_wd", "damp_wd_max"])
 # (20, 257), (16, 5, 60): per-row blocks (rows of 257 and 300 elements, a partial block ending each row);
+# (257, 301): the same, big enough for two threads, whose shares then split a row;
 # (4097,), (50, 100): flat blocks (1-D; rows shorter than MIN_ROW_LENGTH)
-@pytest.mark.parametrize("shape", [(20, 257), (16, 5, 60), (4097,), (50, 100)], ids=str)
+@pytest.mark.parametrize("shape", [*PER_ROW_SHAPES, (4097,), (50, 100)], ids=str)
 def test_8bit_step_matches_pure_pytorch_reference_bitwise(shape, cfg, dtype, gen):
     p = torch.nn.Parameter(torch.randn(shape, generator=gen).to(dtype))
     opt = torchsgd8.SGD8bit([p], **cfg)
@@ -213,7 +216,7 @@ def test_8bit_step_matches_pure_pytorch_reference_bitwise(shape, cfg, dtype, gen
         codes = state["state1"].clone() if state else None
         absmax = state["absmax1"].clone() if state else None
         want_p, want_codes, want_absmax = reference_8bit_step(p, g, codes, absmax, **cfg,
-                                                              per_row=shape in ((20, 257), (16, 5, 60)))
+                                                              per_row=shape in PER_ROW_SHAPES)
         p.grad = g
         opt.step()
         state = opt.state[p]

@@ -103,6 +103,27 @@ def test_one_and_two_threads_are_bitwise_identical(restore_threads):
     assert_same_bits(one, two, "2 threads vs 1")
 
 
+def test_one_and_two_threads_step_per_row_layouts_identically(restore_threads):
+    """8-bit state blocked per row (short blocks at row ends), several tensors: the threads' shares are cut
+    by elements, so they start inside rows and inside tensors; every block is still done once, whole."""
+    def run() -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(5)
+        params = [torch.randn(shape, generator=gen).requires_grad_() for shape in ((257, 301), (130, 700), (3, 5000))]
+        opt = torchsgd8.SGD8bit(params, lr=0.01, momentum=0.9, nesterov=True)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return [t.detach().clone() for p in params for t in (p, opt.state[p]["state1"], opt.state[p]["absmax1"])]
+
+    torch.set_num_threads(1)
+    one = run()
+    torch.set_num_threads(2)
+    two = run()
+    assert one[2].dim() == 2, "per-row state expected"
+    assert_same_bits(one, two, "2 threads vs 1")
+
+
 def test_one_and_two_threads_quantize_identically(restore_threads):
     values = special_values()
     torch.set_num_threads(1)

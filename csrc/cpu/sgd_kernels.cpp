@@ -55,55 +55,54 @@ namespace {
 
 using at::vec::Vectorized;
 
-// Runs fn(tensor_index, first_block, end_block) over ranges of consecutive blocks that together cover
-// blocks [0, block_counts[t]) of every tensor t. One parallel region for all tensors.
+// Runs fn(tensor_index, first_block, end_block) over ranges of consecutive blocks that together cover every
+// block of every tensor (tensor t: numels[t] elements laid out as layouts[t]), in one parallel region for
+// all tensors. The work is split by elements, not blocks (per-row layouts have short blocks at row ends), and
+// each block goes whole to the range that holds its first element: no block is ever shared by two threads.
 template <typename Fn>
-void parallel_over_blocks(c10::ArrayRef<int64_t> block_counts, const Fn& fn) {
-  std::vector<int64_t> first_block(block_counts.size() + 1, 0);
-  for (const auto i : c10::irange(block_counts.size())) {
-    first_block[i + 1] = first_block[i] + block_counts[i];
+void parallel_over_blocks(c10::ArrayRef<int64_t> numels, c10::ArrayRef<BlockLayout> layouts, const Fn& fn) {
+  std::vector<int64_t> first_element(numels.size() + 1, 0);
+  for (const auto i : c10::irange(numels.size())) {
+    first_element[i + 1] = first_element[i] + numels[i];
   }
-  const int64_t total = first_block.back();
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / kBlockSize);
-  at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
-    size_t t = std::upper_bound(first_block.begin(), first_block.end(), begin) - first_block.begin() - 1;
-    for (int64_t block = begin; block < end;) {
-      while (block >= first_block[t + 1]) {
-        ++t;  // skips empty tensors too
+  at::parallel_for(0, first_element.back(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
+    size_t t = std::upper_bound(first_element.begin(), first_element.end(), begin) - first_element.begin() - 1;
+    for (; t < numels.size() && first_element[t] < end; ++t) {
+      const int64_t first = layouts[t].first_block_from(std::max<int64_t>(begin - first_element[t], 0));
+      const int64_t last = layouts[t].first_block_from(std::min(end - first_element[t], numels[t]));
+      if (first < last) {
+        fn(t, first, last);
       }
-      const int64_t stop = std::min(end, first_block[t + 1]);
-      fn(t, block - first_block[t], stop - first_block[t]);
-      block = stop;
     }
   });
 }
 
-// Runs fn(block, start, size) for every block of one tensor laid out as `layout`, in parallel.
+// Runs fn(block, start, size) for every block of one tensor of `numel` elements laid out as `layout`.
 template <typename Fn>
-void parallel_for_each_block(int64_t blocks, BlockLayout layout, const Fn& fn) {
-  parallel_over_blocks(blocks, [&](size_t, int64_t first, int64_t last) {
+void parallel_for_each_block(int64_t numel, BlockLayout layout, const Fn& fn) {
+  parallel_over_blocks(numel, layout, [&](size_t, int64_t first, int64_t last) {
     for (int64_t block = first; block < last; ++block) {
       fn(block, layout.start(block), layout.size(block));
     }
   });
 }
 
-std::vector<int64_t> flat_block_counts(at::TensorList tensors) {
-  std::vector<int64_t> counts;
-  counts.reserve(tensors.size());
+std::vector<int64_t> numels_of(at::TensorList tensors) {
+  std::vector<int64_t> numels;
+  numels.reserve(tensors.size());
   for (const at::Tensor& t : tensors) {
-    counts.push_back(num_blocks(t.numel()));
+    numels.push_back(t.numel());
   }
-  return counts;
+  return numels;
 }
 
-std::vector<int64_t> block_counts(at::TensorList absmax) {
-  std::vector<int64_t> counts;
-  counts.reserve(absmax.size());
-  for (const at::Tensor& a : absmax) {
-    counts.push_back(a.numel());
+std::vector<BlockLayout> flat_layouts(at::TensorList tensors) {
+  std::vector<BlockLayout> layouts;
+  layouts.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) {
+    layouts.push_back(BlockLayout::rows_of(t.numel()));
   }
-  return counts;
+  return layouts;
 }
 
 // SIMD lanes: kParts vectors of acc_t per step. bf16/fp16 load as two float vectors, so one step is
@@ -724,7 +723,7 @@ void sgd_update(at::TensorList params, at::TensorList grads, at::TensorList mome
     using acc_t = acc_type<scalar_t>;
     const SgdHyper<acc_t> h = cast_hyper<acc_t>(hyper);
     // blocks only split the work here: each range is contiguous elements
-    parallel_over_blocks(flat_block_counts(params), [&](size_t t, int64_t first, int64_t last) {
+    parallel_over_blocks(numels_of(params), flat_layouts(params), [&](size_t t, int64_t first, int64_t last) {
       const int64_t begin = first * kBlockSize;
       const int64_t end = std::min(last * kBlockSize, params[t].numel());
       scalar_t* buf = h.use_momentum ? momentum_buffers[t].data_ptr<scalar_t>() + begin : nullptr;
@@ -869,7 +868,7 @@ template <typename scalar_t>
 void sgd8bit_update_typed(at::TensorList params, at::TensorList grads, at::TensorList codes,
                           at::TensorList absmax, const std::vector<BlockLayout>& layouts, const SgdHyper<float>& h) {
   const bool prefetch = prefetch_ahead();
-  parallel_over_blocks(block_counts(absmax), [&](size_t t, int64_t first, int64_t last) {
+  parallel_over_blocks(numels_of(params), layouts, [&](size_t t, int64_t first, int64_t last) {
     const Codec codec;
     update_blocks_8bit(params[t].data_ptr<scalar_t>(), grads[t].const_data_ptr<scalar_t>(),
                        codes[t].data_ptr<uint8_t>(), absmax[t].data_ptr<float>(), layouts[t], first, last, h,
@@ -907,7 +906,7 @@ void quantize_blockwise(const at::Tensor& values, const at::Tensor& codes, const
     uint8_t* out = codes.data_ptr<uint8_t>();
     float* scale = absmax.data_ptr<float>();
     const Codec codec;
-    parallel_for_each_block(absmax.numel(), layout, [&](int64_t block, int64_t start, int64_t n) {
+    parallel_for_each_block(values.numel(), layout, [&](int64_t block, int64_t start, int64_t n) {
       alignas(64) float block_values[kBlockSize];
       std::copy(in + start, in + start + n, block_values);  // converts to float
       quantize_block(codec, block_values, n, out + start, scale + block);
@@ -922,7 +921,7 @@ void dequantize_blockwise(const at::Tensor& codes, const at::Tensor& absmax, con
     const float* scale = absmax.const_data_ptr<float>();
     scalar_t* values = out.data_ptr<scalar_t>();
     const Codec codec;
-    parallel_for_each_block(absmax.numel(), layout, [&](int64_t block, int64_t start, int64_t n) {
+    parallel_for_each_block(codes.numel(), layout, [&](int64_t block, int64_t start, int64_t n) {
       alignas(64) float block_values[kBlockSize];
       codec.dequantize(in + start, scale[block], n, block_values);
       std::copy(block_values, block_values + n, values + start);  // converts to scalar_t
