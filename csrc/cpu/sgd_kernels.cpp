@@ -1,10 +1,11 @@
 // CPU kernels, compiled once per instruction set: CPU_CAPABILITY names the copy (DEFAULT, AVX2, AVX512) and
 // selects at::vec's implementation, exactly as ATen builds its own kernels.
 //
-// Work is split into 256-element blocks across all tensors of a call, so one at::parallel_for covers a
-// whole param group however many small tensors it has, and no block is ever shared by two threads
-// (results do not depend on the thread count). Each block is one pass over memory; the 8-bit kernel
-// keeps the block's new buffer in a 1 KiB stack array until its codes are written.
+// Work is split between threads by elements across all tensors of a call, at the boundaries of the (up to)
+// 256-element blocks, so one at::parallel_for covers a whole param group however many small tensors it has,
+// and no block is ever shared by two threads (results do not depend on the thread count). Each block is one
+// pass over memory; the 8-bit kernel keeps the block's new buffer in a 1 KiB stack array until its codes
+// are written.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
