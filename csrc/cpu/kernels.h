@@ -45,8 +45,8 @@ const KernelTable& kernels();
 // Whether the 8-bit kernels prefetch ahead in software: on Intel CPUs, unless TORCHSGD8_CPU_PREFETCH=0|1
 // says otherwise.
 bool prefetch_ahead();
-// Whether the AVX2 kernels read their tables with gathers rather than scalar loads: on Intel CPUs whose
-// gathers are not slowed by the Gather Data Sampling mitigation, unless TORCHSGD8_CPU_GATHER=0|1 says otherwise.
+// Whether the AVX2 kernels read their tables with gathers rather than scalar loads: on Intel CPUs with
+// AVX-VNNI (Alder Lake, Sapphire Rapids and later), unless TORCHSGD8_CPU_GATHER=0|1 says otherwise.
 bool gather_table_reads();
 
 }  // namespace torchsgd8::cpu
