@@ -288,27 +288,24 @@ TUNING_SCRIPT = textwrap.dedent('''
 
 
 @pytest.mark.parametrize("setting, query, isa", [
-    ("TORCHSGD8_CPU_PREFETCH", "prefetch", None),  # the 8-bit kernels of every ISA prefetch alike
+    ("TORCHSGD8_CPU_PREFETCH", "prefetch", None),  # the 8-bit kernels of every ISA prefetch alike: this one's
     ("TORCHSGD8_CPU_GATHER", "gather", "avx2"),    # only the AVX2 kernels gather
 ])
-def test_tuning_settings_change_no_result(tmp_path, setting, query, isa):
+def test_tuning_settings_change_no_result(tmp_path, run_with_kernel_set, setting, query, isa):
     """The kernels' tuning settings (read once per process, hence subprocesses) change speed, not results:
     steps, codes, absmax and dequantized values are bit-identical with each forced off and on, and equal
     this process's (whose kernels the cross-ISA tests above hold to the same bits)."""
+    isa = isa or _C.cpu_isa().lower()
     script = tmp_path / "tuning.py"
     script.write_text(TUNING_SCRIPT)
-    env = dict(os.environ, **({"TORCHSGD8_CPU_ISA": isa} if isa else {}))
     runs = {}
     for flag in ("0", "1"):
         out = tmp_path / f"out{flag}.pt"
-        proc = subprocess.run([sys.executable, str(script), os.path.dirname(__file__), str(out)],
-                              env=dict(env, **{setting: flag}), capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0 and "but this CPU or build lacks" in proc.stderr:
-            pytest.skip(f"this CPU or build has no {isa} kernels")
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        run_with_kernel_set(isa, [sys.executable, str(script), os.path.dirname(__file__), str(out)], timeout=300,
+                            settings={setting: flag})
         runs[flag] = torch.load(out)
         assert runs[flag][query] is (flag == "1")
-        assert isa is None or runs[flag]["isa"] == isa.upper()
+        assert runs[flag]["isa"] == isa.upper()
     assert_same_bits(runs["0"]["run"], runs["1"]["run"], f"{setting}=0 vs 1")
     codes, absmax = ops.quantize_blockwise(special_values())
     ours = training_run() + [codes, absmax, ops.dequantize_blockwise(codes, absmax)]

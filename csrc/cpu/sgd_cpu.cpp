@@ -177,7 +177,7 @@ at::Tensor dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& a
 }  // namespace
 
 const KernelTable& kernels() {
-  static const KernelTable& table = [&]() -> const KernelTable& {
+  static const KernelTable& table = []() -> const KernelTable& {
     // every setting is read here, so an invalid one fails the first op whichever kernels would use it
     prefetch_ahead();
     gather_table_reads();
