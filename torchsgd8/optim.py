@@ -1,13 +1,15 @@
 """SGD, SGD8bit and SGD32bit: the bitsandbytes constructors with torch.optim.SGD's exact semantics.
 
 The classes only validate, bucket and call ops: ``step()`` groups the params of each param group by
-(device, dtype, state kind, first step) and makes one fused op call per bucket. All math is in the
-kernels (csrc/), all state-dict conversion in ``_state.py``.
+(device, dtype, state kind, first step) and makes one fused op call per bucket. Eager steps reuse the
+grouping of the group's last step (a plan, re-checked param by param) instead of redoing it: the Python
+work per param is most of a step's cost for small tensors. All math is in the kernels (csrc/), all
+state-dict conversion in ``_state.py``.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -219,6 +221,8 @@ class SGD(Optimizer):
         _validate_group({**defaults, "params": []})
         self._qmaps: dict[torch.device, Tensor] = {}
         self._step_record: dict[str, bool] = {}
+        self._plans: dict[int, _GroupPlan] = {}  # by id(param group)
+        self._hyper_tensors: dict[tuple[int, str], tuple[float, Tensor]] = {}  # by (id(param group), name)
         super().__init__(params, defaults)
         # GradScaler: lets scaler.step() hand us grad_scale / found_inf instead of unscaling first.
         self._step_supports_amp_scaling = True
@@ -288,65 +292,37 @@ class SGD(Optimizer):
         # every grad is checked before any state is created or any param changes: a bad grad in the last
         # group must not leave earlier groups updated or new zero state behind
         param_groups = self.param_groups  # read once: under torch.compile each read re-walks every group
-        for g, group in enumerate(param_groups):
-            for i, p in enumerate(group["params"]):
-                if p.grad is not None:
-                    _check_grad(p, p.grad, g, i)
-        for group in param_groups:
-            self._update_group(group, grad_scale, found_inf)
+        compiling = torch.compiler.is_compiling()
+        planned = [None if compiling else self._planned_buckets(group) for group in param_groups]
+        for g, (group, buckets) in enumerate(zip(param_groups, planned)):
+            if buckets is None:  # a plan has checked the grads it holds
+                for i, p in enumerate(group["params"]):
+                    if p.grad is not None:
+                        _check_grad(p, p.grad, g, i)
+        for group, buckets in zip(param_groups, planned):
+            self._update_group(group, buckets, grad_scale, found_inf)
         return loss
 
-    def _update_group(self, group: dict, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
-        uses_momentum = _uses_momentum(group["momentum"])
-        # key: (device, dtype, "fp32" | "8bit" | "none", first_step) -> per-bucket lists
-        buckets: dict[tuple, dict[str, list]] = {}
+    def _update_group(self, group: dict, buckets: Optional[list], grad_scale: Optional[Tensor],
+                      found_inf: Optional[Tensor]) -> None:
+        """One op call per bucket of the group's params: `buckets` from its plan, else collected here."""
+        compiling = torch.compiler.is_compiling()
         staged: list[tuple[Tensor, Tensor]] = []  # (param, contiguous copy) for non-contiguous params
         created: list[Tensor] = []  # params whose state this step creates
-        # traced param by param under torch.compile: .contiguous() only where it makes a copy
-        for p in group["params"]:
-            grad = p.grad
-            if grad is None:
-                continue
-            kind, first_step, state = "none", False, None
-            if uses_momentum:  # without momentum there is no state at all, as in torch
-                state = self.state[p]
-                first_step = not state
-                if first_step:
-                    self._init_state(p, group, state)
-                    created.append(p)
-                kind = "8bit" if "state1" in state else "fp32"
-            # complex params go to the op as they are: it updates (real, imag) pairs, like torch; sharded
-            # (FSDP2) params are updated shard by shard, each rank its own, with no communication
-            work, grad = _local(p), _local(grad)
-            if not work.is_contiguous():
-                work = work.contiguous()
-                staged.append((p, work))
-            if not grad.is_contiguous():
-                grad = grad.contiguous()
-            key = (p.device, work.dtype, kind, first_step)
-            bucket = buckets.get(key)
-            if bucket is None:
-                bucket = buckets[key] = _new_bucket()
-            bucket["params"].append(work)
-            bucket["grads"].append(grad)
-            if kind == "fp32":
-                bucket["buffers"].append(_local(state["momentum_buffer"]))
-            elif kind == "8bit":
-                bucket["codes"].append(_local(state["state1"]))
-                bucket["absmax"].append(_local(state["absmax1"]))
-                bucket["steps"].append(state["step"])
+        if buckets is None:
+            buckets = self._collect_buckets(group, staged, created, plan=not compiling)
 
-        lr = _as_tensor(group["lr"])
-        momentum = _as_tensor(group["momentum"])
+        lr = self._hyper_tensor(group, "lr", compiling)
+        momentum = self._hyper_tensor(group, "momentum", compiling)
         rounding_seed = group.get("rounding_seed") if group.get("stochastic_rounding") else None
-        for bucket_index, ((_, dtype, kind, first_step), b) in enumerate(buckets.items()):
+        for bucket_index, ((_, dtype, kind, first_step), b) in enumerate(buckets):
             # a distinct noise stream per bucket (the kernel's noise is keyed by position in the bucket)
             seed = rounding_seed + (bucket_index << 32) if rounding_seed is not None and dtype == torch.bfloat16 else None
             common = (lr, momentum, float(group["dampening"]), float(group["weight_decay"]),
                       bool(group["nesterov"]), bool(group["maximize"]), first_step, grad_scale, found_inf, seed)
             # chunked only without a rounding seed: the kernel keys its noise by position in the call
             n = len(b["params"])
-            size = _COMPILED_CALL_SIZE if seed is None and torch.compiler.is_compiling() else n
+            size = _COMPILED_CALL_SIZE if seed is None and compiling else n
             for i in range(0, n, size):
                 j = i + size
                 if kind == "8bit":
@@ -359,7 +335,7 @@ class SGD(Optimizer):
             _local(p).copy_(work)
         if rounding_seed is not None and buckets:
             rounding_seed.add_(1)  # fresh noise next step
-        if created and found_inf is not None and not torch.compiler.is_compiling() and bool(found_inf):
+        if created and found_inf is not None and not compiling and bool(found_inf):
             # GradScaler skipped a step that would have been these params' first: forget their new state,
             # so the next step is their first (buffer = gradient, no dampening), as with torch.optim.SGD.
             # Only on a param's first step does this read found_inf (a sync on accelerators). A compiled step
@@ -367,6 +343,118 @@ class SGD(Optimizer):
             # treats it as a later step, which differs from torch only when dampening != 0.
             for p in created:
                 del self.state[p]
+
+    def _hyper_tensor(self, group: dict, name: str, compiling: bool) -> Tensor:
+        """group[name] as a 0-dim tensor. Eager steps reuse the last one made while the value stays the same
+        (making one costs ~2 us)."""
+        value = group[name]
+        if isinstance(value, Tensor) or compiling:
+            return _as_tensor(value)
+        key = (id(group), name)
+        cached = self._hyper_tensors.get(key)
+        if cached is None or cached[0] != value:
+            cached = self._hyper_tensors[key] = (value, _as_tensor(value))
+        return cached[1]
+
+    def _collect_buckets(self, group: dict, staged: list, created: list, plan: bool) -> list:
+        """Sorts the group's params with grads into buckets of one op call each: (key, lists) pairs, key =
+        (device, dtype, "fp32" | "8bit" | "none", first_step). Creates missing state (listed in `created`)
+        and contiguous copies of non-contiguous params (in `staged`). With `plan`, remembers the split for
+        later steps where it still applies (_planned_buckets)."""
+        uses_momentum = _uses_momentum(group["momentum"])
+        buckets: dict[tuple, dict[str, list]] = {}
+        param_keys: list[tuple] = []  # per param with a grad: its bucket's key
+        plannable = plan
+        # traced param by param under torch.compile: .contiguous() only where it makes a copy
+        for p in group["params"]:
+            grad = p.grad
+            if grad is None:
+                plannable = False
+                continue
+            kind, first_step, state = "none", False, None
+            if uses_momentum:  # without momentum there is no state at all, as in torch
+                state = self.state[p]
+                first_step = not state
+                if first_step:
+                    self._init_state(p, group, state)
+                    created.append(p)
+                kind = "8bit" if "state1" in state else "fp32"
+            # complex params go to the op as they are: it updates (real, imag) pairs, like torch; sharded
+            # (FSDP2) params are updated shard by shard, each rank its own, with no communication
+            work, grad = _local(p), _local(grad)
+            if plannable and (work is not p or type(grad) is not Tensor):
+                plannable = False  # sharded params and tensor-subclass grads take this path every step
+            if not work.is_contiguous():
+                work = work.contiguous()
+                staged.append((p, work))
+            if not grad.is_contiguous():
+                grad = grad.contiguous()
+            key = (p.device, work.dtype, kind, first_step)
+            bucket = buckets.get(key)
+            if bucket is None:
+                bucket = buckets[key] = _new_bucket()
+            param_keys.append(key)
+            bucket["params"].append(work)
+            bucket["grads"].append(grad)
+            if kind == "fp32":
+                bucket["buffers"].append(_local(state["momentum_buffer"]))
+            elif kind == "8bit":
+                bucket["codes"].append(_local(state["state1"]))
+                bucket["absmax"].append(_local(state["absmax1"]))
+                bucket["steps"].append(state["step"])
+        if plannable and not staged:
+            # for the next steps, which are no param's first: (device, dtype, kind, False) buckets
+            later_keys: dict[tuple, int] = {}
+            slots = tuple(later_keys.setdefault(key[:3] + (False,), len(later_keys)) for key in param_keys)
+            params = tuple(group["params"])
+            self._plans[id(group)] = _GroupPlan(group, uses_momentum, params, tuple(key[:2] for key in param_keys),
+                                                tuple(key[2] for key in param_keys), slots, tuple(later_keys))
+        elif plan:
+            self._plans.pop(id(group), None)
+        return list(buckets.items())
+
+    def _planned_buckets(self, group: dict) -> Optional[list]:
+        """The buckets of _collect_buckets from the group's plan, or None where the plan does not apply.
+
+        Every param is checked each step against what the plan assumed (the same param and dtype,
+        contiguous, with a plain contiguous grad of its shape, dtype and device, and state of the planned
+        kind), and the state is read afresh: edits of the group, of ``opt.state`` or of a param's state
+        dict between steps, and bad grads (which _check_grad then reports), fall back to the full path.
+        """
+        plan = self._plans.get(id(group))
+        params = group["params"]
+        if (plan is None or plan.group is not group or plan.uses_momentum != _uses_momentum(group["momentum"])
+                or len(params) != len(plan.params)):
+            return None
+        buckets = [_new_bucket() for _ in plan.keys]
+        state = self.state
+        for p, planned, (device, dtype), kind, slot in zip(params, plan.params, plan.places, plan.kinds, plan.slots):
+            grad = p.grad
+            if p is not planned or grad is None or type(grad) is not Tensor or grad.layout is not torch.strided:
+                return None
+            if p.dtype is not dtype or grad.dtype is not dtype or grad.shape != p.shape:
+                return None
+            if p.device != device or grad.device != device:
+                return None
+            if not (p.is_contiguous() and grad.is_contiguous()):
+                return None
+            b = buckets[slot]
+            if kind == "8bit":
+                st = state.get(p)
+                codes = st.get("state1") if st else None
+                if codes is None:
+                    return None
+                b["codes"].append(codes)
+                b["absmax"].append(st["absmax1"])
+                b["steps"].append(st["step"])
+            elif kind == "fp32":
+                st = state.get(p)
+                if not st or "state1" in st:
+                    return None
+                b["buffers"].append(st["momentum_buffer"])
+            b["params"].append(p)
+            b["grads"].append(grad)
+        return list(zip(plan.keys, buckets))
 
     # Every torch LR scheduler replaces `opt.step` on the instance with a wrapper (to record that step ran)
     # that dynamo refuses to trace, so `torch.compile(opt.step, fullgraph=True)` and a compiled training
@@ -410,11 +498,25 @@ class SGD(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_qmaps", {})
         self.__dict__.setdefault("_step_record", {})
+        self._plans = {}
+        self._hyper_tensors = {}
         self._step_supports_amp_scaling = True
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
             _ensure_rounding_seed(group)
+
+
+class _GroupPlan(NamedTuple):
+    """How a param group's last step was split into op calls (see SGD._planned_buckets): per param its
+    (device, dtype), state kind and bucket; holds no state tensors, which are read afresh every step."""
+    group: dict
+    uses_momentum: bool
+    params: tuple[Tensor, ...]
+    places: tuple[tuple[torch.device, torch.dtype], ...]
+    kinds: tuple[str, ...]
+    slots: tuple[int, ...]
+    keys: tuple[tuple, ...]
 
 
 def _new_bucket() -> dict[str, list]:
