@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 from torch.optim import lr_scheduler
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchsgd8
@@ -372,3 +373,68 @@ def test_module_main_prints_versions_ops_and_isa():
     assert torchsgd8._C.cpu_isa() in out
     assert f"8-bit prefetch {'on' if torchsgd8._C.cpu_prefetch() else 'off'}" in out
     assert f"AVX2 gathers {'on' if torchsgd8._C.cpu_gather() else 'off'}" in out
+
+
+# ---- step hooks and the profiler range (our step wrapper stands in for Optimizer's) -------------------
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_step_hooks_run_once_per_step_in_torch_order(cls, gen):
+    params = _params(gen)
+    opt = cls(params, lr=0.1, momentum=0.9)
+    order = []
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, a, k: order.append(("global pre", o))),
+        opt.register_step_pre_hook(lambda o, a, k: order.append(("pre", o))),
+        opt.register_step_post_hook(lambda o, a, k: order.append(("post", o))),
+        register_optimizer_step_post_hook(lambda o, a, k: order.append(("global post", o))),
+    ]
+    try:
+        _set_grads([params], gen)
+        opt.step()
+    finally:
+        for h in handles:
+            h.remove()
+    assert order == [("global pre", opt), ("pre", opt), ("post", opt), ("global post", opt)]
+    order.clear()
+    opt.step()
+    assert order == []  # removed
+
+
+def test_step_pre_hook_can_replace_the_arguments(gen):
+    params = _params(gen)
+    opt = torchsgd8.SGD8bit(params, lr=0.1, momentum=0.9)
+    _set_grads([params], gen)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: ((), {"closure": lambda: calls.append(1) or 3.0}))
+    assert opt.step() == 3.0 and calls == [1]
+    opt.register_step_pre_hook(lambda o, args, kwargs: "not a pair")
+    with pytest.raises(RuntimeError, match="must return None or a tuple"):
+        opt.step()
+
+
+def test_subclass_overriding_step_runs_hooks_once(gen):
+    class Logged(torchsgd8.SGD8bit):
+        def step(self, closure=None):
+            return super().step(closure)
+
+    params = _params(gen)
+    opt = Logged(params, lr=0.1, momentum=0.9)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
+    _set_grads([params], gen)
+    opt.step()
+    assert seen == ["pre", "post"]
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_profiler_shows_the_step_range(cls, gen):
+    params = _params(gen)
+    opt = cls(params, lr=0.1, momentum=0.9)
+    _set_grads([params], gen)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    names = [e.name for e in prof.events()]
+    assert f"Optimizer.step#{cls.__name__}.step" in names
+    assert any(name.startswith("torchsgd8::") for name in names)
