@@ -438,3 +438,19 @@ def test_profiler_shows_the_step_range(cls, gen):
     names = [e.name for e in prof.events()]
     assert f"Optimizer.step#{cls.__name__}.step" in names
     assert any(name.startswith("torchsgd8::") for name in names)
+
+
+def test_step_leaves_grad_mode_as_it_was(gen):
+    params = _params(gen)
+    opt = torchsgd8.SGD8bit(params, lr=0.1, momentum=0.9)
+    _set_grads([params], gen)
+    opt.step()  # runs without grad (the ops reject tensors requiring grad when grad mode is on)
+    assert torch.is_grad_enabled()
+    with torch.no_grad():
+        opt.step()
+        assert not torch.is_grad_enabled()
+    params[0].grad.data = torch.zeros(2)  # a grad that does not fit: step raises
+    with pytest.raises(RuntimeError, match="must match its param"):
+        opt.step()
+    assert torch.is_grad_enabled()
+    assert all(p.grad_fn is None and p.requires_grad for p in params)
