@@ -155,13 +155,17 @@ def _uses_momentum(momentum: float | Tensor) -> bool:
     return isinstance(momentum, Tensor) or momentum != 0
 
 
+def _grad_fits(p: Tensor, grad: Tensor) -> bool:
+    """Whether grad can update p: dense, with p's dtype, shape and device."""
+    return grad.layout == torch.strided and grad.dtype == p.dtype and grad.shape == p.shape and grad.device == p.device
+
+
 def _check_grad(p: Tensor, grad: Tensor, group_index: int, param_index: int) -> None:
     """Raises if grad cannot update p. The message is only built on failure: under torch.compile this runs
     once per param while tracing."""
-    sparse = grad.is_sparse or grad.layout != torch.strided
-    if sparse or grad.dtype != p.dtype or grad.shape != p.shape or grad.device != p.device:
+    if not _grad_fits(p, grad):
         where = f"param {param_index} in group {group_index}"
-        if sparse:
+        if grad.layout != torch.strided:
             raise RuntimeError(f"torchsgd8: the grad of {where} is sparse; sparse gradients are not supported "
                                "(use torch.optim.SGD)")
         raise RuntimeError(
@@ -482,13 +486,9 @@ class SGD(Optimizer):
         state = self.state
         for p, planned, (device, dtype), kind, slot in zip(params, plan.params, plan.places, plan.kinds, plan.slots):
             grad = p.grad
-            if p is not planned or grad is None or type(grad) is not Tensor or grad.layout is not torch.strided:
+            if p is not planned or grad is None or type(grad) is not Tensor or not _grad_fits(p, grad):
                 return None
-            if p.dtype is not dtype or grad.dtype is not dtype or grad.shape != p.shape:
-                return None
-            if p.device != device or grad.device != device:
-                return None
-            if not (p.is_contiguous() and grad.is_contiguous()):
+            if p.dtype != dtype or p.device != device or not (p.is_contiguous() and grad.is_contiguous()):
                 return None
             b = buckets[slot]
             if kind == "8bit":
