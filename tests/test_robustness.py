@@ -50,8 +50,10 @@ def bits_of(t: torch.Tensor) -> torch.Tensor:
 
 RUN_PARAMS = [  # (numel, dtype, group)
     (70_001, torch.float32, 0), (33_000, torch.float32, 0), (5, torch.float32, 0), (257, torch.float32, 0),
+    (12_345, torch.bfloat16, 0),  # bf16 through the SIMD loads and stores (group 1 rounds stochastically)
     (40_123, torch.bfloat16, 1), (4_099, torch.bfloat16, 1), (20_000, torch.float16, 1),
     (30_000, torch.float32, 2), (513, torch.float64, 2), (0, torch.float32, 2), (1, torch.float32, 2),
+    (3_001, torch.bfloat16, 2),
 ]
 GROUPS = [
     dict(optim_bits=8, momentum=0.9, dampening=0.1, weight_decay=1e-3),

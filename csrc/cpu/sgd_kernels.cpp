@@ -127,8 +127,37 @@ auto hyper_for_vectors(const SgdHyper<acc_t>& h, Options) {
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// bf16 -> float is the 16 bits moved to the top of a 32-bit lane: one VBMI byte permute with zeroing per 16
+// elements, where at::vec widens, shifts and extracts (5 vector ops per 32 elements instead of 2).
+struct Bf16Spread {
+  alignas(64) uint8_t index[2][64];  // [which 16 of the 32 elements][byte of the 16 floats]
+};
+constexpr Bf16Spread make_bf16_spread() {
+  Bf16Spread spread{};
+  for (int half = 0; half < 2; ++half) {
+    for (int byte = 0; byte < 64; ++byte) {  // bytes 2, 3 of float k are bytes 0, 1 of element 16 half + k
+      spread.index[half][byte] = byte % 4 >= 2 ? static_cast<uint8_t>(32 * half + 2 * (byte / 4) + byte % 2) : 0;
+    }
+  }
+  return spread;
+}
+constexpr Bf16Spread kBf16Spread = make_bf16_spread();
+constexpr __mmask64 kHighHalves = 0xCCCCCCCCCCCCCCCCull;  // bytes 2 and 3 of each 32-bit lane
+#endif
+
 template <typename T, typename acc_t>
 inline void load_parts(const T* ptr, Vectorized<acc_t> (&v)[kParts]) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __m512i raw = _mm512_loadu_si512(ptr);
+    for (int half = 0; half < 2; ++half) {
+      const __m512i index = _mm512_load_si512(kBf16Spread.index[half]);
+      v[half] = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi8(kHighHalves, index, raw));
+    }
+    return;
+  }
+#endif
   if constexpr (std::is_same_v<T, acc_t>) {
     v[0] = Vectorized<acc_t>::loadu(ptr);
     v[1] = Vectorized<acc_t>::loadu(ptr + Vectorized<acc_t>::size());
