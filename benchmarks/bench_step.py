@@ -2,14 +2,16 @@
 """Performance suite for one optimizer step (SGD, lr=0.01, momentum=0.9) on CPU.
 
 An SGD step is memory-bound, so every method is scored against the bytes it must move at the very least
-("ideal bytes"), for fp32 parameters of n elements each:
+("ideal bytes"), for parameters of n elements of s bytes each (s = 4 for the default fp32 params, 2 with
+``--dtype bfloat16`` or ``float16``):
 
-  * fp32 momentum (torch.optim.SGD, torchsgd8 fp32, bitsandbytes 32-bit, and any param an 8-bit
-    optimizer keeps in full precision):  20 * n bytes
-        read p, g, buf (3 * 4 B) + write p, buf (2 * 4 B)
-  * 8-bit momentum (param whose state holds uint8 ``state1`` codes):  14 * n + 8 * ceil(n / 256) bytes
-        read p, g (2 * 4 B) + read and write codes (2 * 1 B) + write p (4 B)
-        + read and write one float32 absmax per 256-element block (2 * 4 B per block)
+  * full-precision momentum (torch.optim.SGD, torchsgd8 fp32, bitsandbytes 32-bit, and any param an 8-bit
+    optimizer keeps in full precision), a buffer of b bytes per element (b = s, but 4 for bitsandbytes):
+    (3 * s + 2 * b) * n bytes
+        read p, g (2 * s) + read and write buf (2 * b) + write p (s); 20 * n for fp32
+  * 8-bit momentum (param whose state holds uint8 ``state1`` codes):  (3 * s + 2) * n + 8 * ceil(n / 256)
+        read p, g (2 * s) + read and write codes (2 * 1 B) + write p (s)
+        + read and write one float32 absmax per 256-element block (2 * 4 B per block); 14 * n + ... for fp32
 
 Which formula a param gets is read from the optimizer's state after warm-up, so params below
 ``min_8bit_size`` (4096 for torchsgd8 and bitsandbytes) count as fp32 momentum.
@@ -28,6 +30,7 @@ the usual cache instead (a cache left by earlier runs favours whichever graphs i
 Usage (see benchmarks/README.md):
   python benchmarks/bench_step.py                         # 1M, 16M, 64M params; mixed and single layouts
   python benchmarks/bench_step.py --sizes 1M --reps 3     # quick check
+  python benchmarks/bench_step.py --dtype bfloat16        # bf16 params and grads (and bf16 fp32-style buffers)
   python benchmarks/bench_step.py --isa avx2              # torchsgd8's AVX2 (or default: portable) kernels
   python benchmarks/bench_step.py --prefetch 0            # torchsgd8's 8-bit kernels without software prefetch
   python benchmarks/bench_step.py --isa avx2 --gather 0   # AVX2 kernels with scalar table loads, not gathers
@@ -173,15 +176,17 @@ def layout_shapes(layout: str, total: int) -> list[tuple[int, ...]]:
 # ---- per-method accounting ---------------------------------------------------------------------------
 
 def ideal_bytes(opt: torch.optim.Optimizer, params: list[Tensor]) -> int:
-    """Bytes a step must move, by the formulas in the module docstring (fp32 params)."""
+    """Bytes a step must move, by the formulas in the module docstring."""
     total = 0
     for p in params:
-        n = p.numel()
-        codes = opt.state.get(p, {}).get("state1")
-        if isinstance(codes, Tensor) and codes.dtype == torch.uint8:
-            total += 14 * n + 8 * math.ceil(n / 256)
-        else:
-            total += 20 * n
+        n, size = p.numel(), p.element_size()
+        state = opt.state.get(p, {})
+        buffer = state.get("momentum_buffer", state.get("state1"))  # torch / torchsgd8, bitsandbytes
+        if isinstance(buffer, Tensor) and buffer.dtype == torch.uint8:
+            total += (3 * size + 2) * n + 8 * math.ceil(n / 256)
+        else:  # bitsandbytes keeps a float32 buffer for 16-bit params
+            buffer_size = buffer.element_size() if isinstance(buffer, Tensor) else size
+            total += (3 * size + 2 * buffer_size) * n
     return total
 
 
@@ -222,13 +227,15 @@ def _error_text(e: Exception) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}"[:200]
 
 
-def run_config(total: int, layout: str, methods: list[str], reps: int, warmup: int, seed: int) -> dict:
-    """Times every method on one (size, layout); everything it allocates is freed on return."""
+def run_config(total: int, layout: str, methods: list[str], reps: int, warmup: int, seed: int,
+               dtype: torch.dtype = torch.float32) -> dict:
+    """Times every method on one (size, layout) with params and grads of `dtype`; everything it allocates
+    is freed on return."""
     torch._dynamo.reset()  # fresh compile caches per config: recompile limits, cached graphs
     gen = torch.Generator().manual_seed(seed)
     shapes = layout_shapes(layout, total)
-    grads = [torch.randn(s, generator=gen) for s in shapes]  # shared, read-only for every method
-    init = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen).to(dtype) for s in shapes]  # shared, read-only for every method
+    init = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
 
     entries = []
     for name in methods:
@@ -264,14 +271,14 @@ def run_config(total: int, layout: str, methods: list[str], reps: int, warmup: i
     finally:
         gc.enable()
 
-    result = summarize(total, layout, shapes, entries)
+    result = summarize(total, layout, shapes, entries, dtype)
     del entries, live, grads, a, b
     gc.collect()
     torch._dynamo.reset()
     return result
 
 
-def summarize(total: int, layout: str, shapes: list, entries: list[Entry]) -> dict:
+def summarize(total: int, layout: str, shapes: list, entries: list[Entry], dtype: torch.dtype) -> dict:
     axpy = next(e for e in entries if e.name == "axpy")
     axpy_s = statistics.median(axpy.times_s)
     axpy_bw = AXPY_BYTES_PER_ELEMENT * total / axpy_s  # bytes per second
@@ -303,6 +310,7 @@ def summarize(total: int, layout: str, shapes: list, entries: list[Entry]) -> di
         rows.append(row)
     return {
         "size": total,
+        "dtype": str(dtype).removeprefix("torch."),
         "layout": layout,
         "n_tensors": len(shapes),
         "shapes": [list(s) for s in shapes],
@@ -318,7 +326,7 @@ def _fmt(value: Optional[float], spec: str) -> str:
 
 def print_table(config: dict, threads: int) -> None:
     axpy = config["axpy"]
-    print(f"\n== {format_size(config['size'])} params ({config['size']:,}), layout={config['layout']} "
+    print(f"\n== {format_size(config['size'])} {config['dtype']} params ({config['size']:,}), layout={config['layout']} "
           f"({config['n_tensors']} tensors), {threads} threads; "
           f"axpy roofline {axpy['median_ms']:.3f} ms = {axpy['gbps']:.1f} GB/s ==")
     header = (f"{'method':<24} {'ms/step':>9} {'min ms':>9} {'GB/s':>7} {'x roofline':>10} "
@@ -499,6 +507,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="untimed steps first; compiled methods compile here (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="params and grads (default float32; the axpy roofline stays float32)")
     parser.add_argument("--warm-cache", action="store_true",
                         help="use the usual Inductor cache (default: a fresh one, so compile times are cold)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})")
@@ -553,7 +563,8 @@ def main(argv=None) -> int:
     configs = []
     for total in args.sizes:
         for layout in args.layouts:
-            config = run_config(total, layout, args.methods, args.reps, args.warmup, args.seed)
+            config = run_config(total, layout, args.methods, args.reps, args.warmup, args.seed,
+                                getattr(torch, args.dtype))
             print_table(config, threads)
             configs.append(config)
 
@@ -561,7 +572,7 @@ def main(argv=None) -> int:
         "machine": info,
         "settings": {"lr": LR, "momentum": MOMENTUM, "sizes": args.sizes, "layouts": args.layouts,
                      "methods": args.methods, "reps": args.reps, "warmup": args.warmup, "threads": threads,
-                     "seed": args.seed, "axpy_bytes_per_element": AXPY_BYTES_PER_ELEMENT,
+                     "seed": args.seed, "dtype": args.dtype, "axpy_bytes_per_element": AXPY_BYTES_PER_ELEMENT,
                      "inductor_cache": "warm" if args.warm_cache else "fresh"},
         "results": configs,
     }

@@ -65,3 +65,23 @@ def test_bench_step_runs_the_kernel_settings_it_is_given(tmp_path, prefetch, gat
     assert machine["torchsgd8_cpu_isa"] == "DEFAULT"
     assert machine["torchsgd8_cpu_prefetch"] is (prefetch == "1")
     assert machine["torchsgd8_cpu_gather"] is (gather == "1")
+
+
+def test_bench_step_with_bf16_params_counts_their_bytes(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(BENCH), "--sizes", "64K", "--reps", "1", "--warmup", "1", "--layouts", "single",
+           "--methods", "torch_fused,torchsgd8_fp32,torchsgd8_8bit", "--dtype", "bfloat16", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "64K bfloat16 params" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["settings"]["dtype"] == "bfloat16"
+    (config,) = report["results"]
+    assert config["dtype"] == "bfloat16"
+    rows = {row["method"]: row for row in config["methods"]}
+    assert all(row["error"] is None for row in rows.values())
+    # full-precision momentum in the param's dtype: read p, g, buf and write p, buf, 2 B each
+    assert rows["torch_fused"]["ideal_bytes_per_param"] == rows["torchsgd8_fp32"]["ideal_bytes_per_param"] == 10
+    assert rows["torchsgd8_fp32"]["state_bytes_per_param"] == 2
+    # 8-bit: 3 * 2 B of params and grads + 2 B of codes + absmax
+    assert 8 < rows["torchsgd8_8bit"]["ideal_bytes_per_param"] < 8.1
