@@ -32,7 +32,7 @@ Usage (see benchmarks/README.md):
   python benchmarks/bench_step.py --sizes 1M --reps 3     # quick check
   python benchmarks/bench_step.py --dtype bfloat16        # bf16 params and grads (and bf16 fp32-style buffers)
   python benchmarks/bench_step.py --isa avx2              # torchsgd8's AVX2 (or default: portable) kernels
-  python benchmarks/bench_step.py --prefetch 0            # torchsgd8's 8-bit kernels without software prefetch
+  python benchmarks/bench_step.py --prefetch 0            # torchsgd8's kernels without software prefetch
   python benchmarks/bench_step.py --isa avx2 --gather 0   # AVX2 kernels with scalar table loads, not gathers
   python benchmarks/bench_step.py --check-threads         # 8-bit results identical for 1 and 2 threads
   python benchmarks/bench_step.py --memory-check          # largest allocation during a step
@@ -516,7 +516,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"re-run with {KERNEL_ENV['isa']}=ISA: torchsgd8's kernels for that instruction "
                              "set (default: the widest this CPU runs)")
     parser.add_argument("--prefetch", choices=["0", "1"], default=None,
-                        help=f"re-run with {KERNEL_ENV['prefetch']}=0|1: the 8-bit kernels' software prefetch "
+                        help=f"re-run with {KERNEL_ENV['prefetch']}=0|1: the kernels' software prefetch (8-bit state, 16-bit params) "
                              "off or on (default: on for Intel CPUs)")
     parser.add_argument("--gather", choices=["0", "1"], default=None,
                         help=f"re-run with {KERNEL_ENV['gather']}=0|1: the AVX2 kernels' table reads by scalar "

@@ -54,7 +54,7 @@ PyObject* built_against_torch(PyObject*, PyObject*) {
 PyMethodDef module_methods[] = {
     {"built_against_torch", built_against_torch, METH_NOARGS, "torch version this library was compiled against."},
     {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set of the CPU kernels in use (DEFAULT, AVX2 or AVX512)."},
-    {"cpu_prefetch", cpu_prefetch, METH_NOARGS, "Whether the CPU 8-bit kernels prefetch ahead in software."},
+    {"cpu_prefetch", cpu_prefetch, METH_NOARGS, "Whether the CPU kernels prefetch ahead in software (8-bit state; 16-bit params)."},
     {"cpu_gather", cpu_gather, METH_NOARGS, "Whether the AVX2 kernels read tables by gathers, not scalar loads."},
     {"cuda_kernels_compiled", cuda_kernels_compiled, METH_NOARGS, "Whether CUDA kernels are built in."},
     {nullptr, nullptr, 0, nullptr}};

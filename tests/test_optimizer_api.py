@@ -371,7 +371,7 @@ def test_module_main_prints_versions_ops_and_isa():
     for op in ("sgd_update_", "sgd8bit_update_", "count_steps_", "quantize_blockwise", "dequantize_blockwise"):
         assert f"torchsgd8::{op}" in out
     assert torchsgd8._C.cpu_isa() in out
-    assert f"8-bit prefetch {'on' if torchsgd8._C.cpu_prefetch() else 'off'}" in out
+    assert f"prefetch {'on' if torchsgd8._C.cpu_prefetch() else 'off'}" in out
     assert f"AVX2 gathers {'on' if torchsgd8._C.cpu_gather() else 'off'}" in out
 
 

@@ -15,7 +15,7 @@ def main() -> None:
     print(f"torch     {torch.__version__} (running); built against torch {_C.built_against_torch()}")
     print(f"python    {platform.python_version()} on {platform.machine()}")
     print(f"ops       {', '.join(ops)}")
-    print(f"kernels   CPU: {_C.cpu_isa()} ({torch.get_num_threads()} threads, 8-bit prefetch "
+    print(f"kernels   CPU: {_C.cpu_isa()} ({torch.get_num_threads()} threads, prefetch "
           f"{'on' if _C.cpu_prefetch() else 'off'}, AVX2 gathers {'on' if _C.cpu_gather() else 'off'}); "
           f"CUDA: {'yes' if _C.cuda_kernels_compiled() else 'no (not compiled in)'}")
 

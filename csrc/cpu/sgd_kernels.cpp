@@ -194,11 +194,23 @@ void update_range_stochastic(c10::BFloat16* param, const c10::BFloat16* grad, B*
   }
 }
 
+// Software prefetch of the line `bytes` past p. The address is computed as an integer: it may lie past the
+// end of the tensor (prefetch never faults).
+C10_ALWAYS_INLINE void prefetch_past(const void* p, uintptr_t bytes) {
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + bytes));
+}
+
+// The full-precision kernel prefetches one 4 KiB page ahead for 16-bit params, where one SIMD step covers a
+// single cache line of each stream: on an Intel Xeon, 16M bf16 params took 5.56 -> 4.05 ms with 2 threads
+// (10.4 -> 7.4 ms with one), fp16 alike; for fp32 params (two lines a step) it made the step slower.
+constexpr uintptr_t kPrefetchBytes16 = 4096;
+
 // param[i], buf[i] <- sgd_rule(param[i], grad[i], buf[i]) for i < n. B is the buffer's storage type: the
-// param's dtype for the fp32-precision op, float for the 8-bit op's dequantized block.
+// param's dtype for the fp32-precision op, float for the 8-bit op's dequantized block. `prefetch`: see
+// kPrefetchBytes16 (only 16-bit params prefetch).
 template <typename T, typename B, typename acc_t>
 void update_range(T* param, const T* grad, B* buf, int64_t n, const SgdHyper<acc_t>& hyper, uint32_t tensor,
-                  int64_t first_index) {
+                  int64_t first_index, bool prefetch) {
   // A local copy: stores through param/buf could alias a referenced struct's fields, which would force
   // the compiler to reload every hyperparameter and re-test every flag per element.
   const SgdHyper<acc_t> h = hyper;
@@ -214,6 +226,15 @@ void update_range(T* param, const T* grad, B* buf, int64_t n, const SgdHyper<acc
     using Options = decltype(options);
     const auto rule_hyper = hyper_for_vectors(h, options);
     for (; i + kStep<acc_t> <= n; i += kStep<acc_t>) {
+      if constexpr (sizeof(T) == 2) {
+        if (prefetch) {
+          prefetch_past(param + i, kPrefetchBytes16);
+          prefetch_past(grad + i, kPrefetchBytes16);
+          if (Options::use_momentum(h)) {
+            prefetch_past(buf + i, kPrefetchBytes16);
+          }
+        }
+      }
       Vectorized<acc_t> p[kParts], g[kParts], b[kParts];
       load_parts(param + i, p);
       load_parts(grad + i, g);
@@ -752,13 +773,14 @@ void sgd_update(at::TensorList params, at::TensorList grads, at::TensorList mome
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "sgd_update_", [&] {
     using acc_t = acc_type<scalar_t>;
     const SgdHyper<acc_t> h = cast_hyper<acc_t>(hyper);
+    const bool prefetch = prefetch_ahead();
     // blocks only split the work here: each range is contiguous elements
     parallel_over_blocks(numels_of(params), flat_layouts(params), [&](size_t t, int64_t first, int64_t last) {
       const int64_t begin = first * kBlockSize;
       const int64_t end = std::min(last * kBlockSize, params[t].numel());
       scalar_t* buf = h.use_momentum ? momentum_buffers[t].data_ptr<scalar_t>() + begin : nullptr;
       update_range(params[t].data_ptr<scalar_t>() + begin, grads[t].const_data_ptr<scalar_t>() + begin, buf,
-                   end - begin, h, static_cast<uint32_t>(t), begin);
+                   end - begin, h, static_cast<uint32_t>(t), begin, prefetch);
     });
   });
 }
@@ -797,17 +819,13 @@ constexpr int64_t kPrefetchAhead = 1024;
 
 template <typename T>
 C10_ALWAYS_INLINE void prefetch_chunk(const T* param, const T* grad, const uint8_t* code) {
-  // addresses as integers: the prefetched ones may lie past the end of the tensors (prefetch never faults)
-  const auto ahead = [](const void* p, uintptr_t bytes) {
-    return reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + bytes);
-  };
   constexpr uintptr_t kLine = 64;
   for (uintptr_t line = 0; line < Codec::kChunk * sizeof(T); line += kLine) {
-    __builtin_prefetch(ahead(param, kPrefetchAhead * sizeof(T) + line));
-    __builtin_prefetch(ahead(grad, kPrefetchAhead * sizeof(T) + line));
+    prefetch_past(param, kPrefetchAhead * sizeof(T) + line);
+    prefetch_past(grad, kPrefetchAhead * sizeof(T) + line);
   }
   static_assert(Codec::kChunk <= kLine);
-  __builtin_prefetch(ahead(code, kPrefetchAhead));
+  prefetch_past(code, kPrefetchAhead);
 }
 
 // A block whose new buffer is computed (in a stack array) but not yet quantized.
@@ -848,7 +866,7 @@ void update_blocks_8bit(T* param, const T* grad, uint8_t* code, float* absmax, B
       } else {
         codec.dequantize(code + start, absmax[block], n, bufs[0]);
       }
-      update_range(param + start, grad + start, bufs[0], n, h, tensor, start);
+      update_range(param + start, grad + start, bufs[0], n, h, tensor, start, /*prefetch=*/false);
       quantize_block(codec, bufs[0], n, code + start, absmax + block);
     }
     return;
