@@ -729,3 +729,30 @@ def test_low_precision_params_follow_fp32_math_reference_exactly(dtype, hyper, g
             torch_low.step()
             ours.step()
         assert not all(_same_bits(p, r) for p, r in zip(low, rn)), "expected per-op rounding to differ"
+
+
+@pytest.mark.parametrize("optim_bits", [32, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_rounding_ties_and_special_values(dtype, optim_bits, gen):
+    """p - g lands exactly half-way between two neighbours of the low dtype (both parities), or on inf, NaN
+    or a subnormal: the stored param is torch's round-to-nearest-even of the float result, in the SIMD body
+    and the scalar tail alike (the AVX-512 kernels convert bf16 with their own byte permutes)."""
+    n = 4099
+    info = torch.finfo(dtype)
+    # params k * ulp above 1 (odd and even k), grads half an ulp: every float result is a tie
+    k = torch.randint(0, 2**6, (n,), generator=gen).double()
+    p = (1 + k * info.eps).to(dtype)
+    g = torch.full((n,), -info.eps / 2, dtype=torch.float64).to(dtype)
+    g[1::3] = -g[1::3]
+    special = torch.tensor([math.inf, -math.inf, math.nan, info.smallest_normal / 4, -info.tiny * 3, info.max],
+                           dtype=dtype)
+    p[100:106], g[100:106] = special, 0  # in the SIMD body
+    p[-3:], g[-3:] = special[:3], 0      # in the scalar tail
+    param = torch.nn.Parameter(p.clone())
+    param.grad = g.clone()
+    opt = torchsgd8.SGD([param], lr=1.0, momentum=0.9, optim_bits=optim_bits, min_8bit_size=0)
+    opt.step()  # a first step: buffer = grad, param = param - grad
+    expected = (p.float() - g.float()).to(dtype)
+    nan = expected.isnan()
+    assert torch.equal(param.isnan(), nan)
+    assert torch.equal(param[~nan].view(torch.int16), expected[~nan].view(torch.int16))

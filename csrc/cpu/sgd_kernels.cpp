@@ -167,8 +167,47 @@ inline void load_parts(const T* ptr, Vectorized<acc_t> (&v)[kParts]) {
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// float -> bf16 rounded to nearest even, NaN -> 0xffff: at::vec's bits (checked for all 2^32 floats) in 10
+// vector ops per 32 elements instead of its 16: the rounding bias is added under a mask of the odd results,
+// and one VBMI two-table byte permute takes the high halves of both vectors, in order.
+struct Bf16Pack {
+  alignas(64) uint8_t index[64];  // byte j of the 32 bf16: byte j % 2 of the high half of float j / 2
+};
+constexpr Bf16Pack make_bf16_pack() {
+  Bf16Pack pack{};
+  for (int byte = 0; byte < 64; ++byte) {
+    const int element = byte / 2;
+    const int table = element / 16;  // v[0] or v[1]
+    pack.index[byte] = static_cast<uint8_t>(64 * table + 4 * (element % 16) + 2 + byte % 2);
+  }
+  return pack;
+}
+constexpr Bf16Pack kBf16Pack = make_bf16_pack();
+
+// The float bits plus the round-to-nearest-even bias: the bf16 is the high half (for non-NaN v).
+C10_ALWAYS_INLINE __m512i bf16_rounding(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __mmask16 odd = _mm512_test_epi32_mask(bits, _mm512_set1_epi32(0x10000));  // ties round up to even
+  const __m512i biased = _mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff));
+  return _mm512_mask_add_epi32(biased, odd, biased, _mm512_set1_epi32(1));
+}
+#endif
+
 template <typename T, typename acc_t>
 inline void store_parts(T* ptr, const Vectorized<acc_t> (&v)[kParts]) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    __m512i packed = _mm512_permutex2var_epi8(bf16_rounding(v[0]), _mm512_load_si512(kBf16Pack.index), bf16_rounding(v[1]));
+    const __mmask16 nan_low = _mm512_cmp_ps_mask(v[0], v[0], _CMP_UNORD_Q);
+    const __mmask16 nan_high = _mm512_cmp_ps_mask(v[1], v[1], _CMP_UNORD_Q);
+    if ((nan_low | nan_high) != 0) [[unlikely]] {
+      packed = _mm512_mask_mov_epi16(packed, _mm512_kunpackw(nan_high, nan_low), _mm512_set1_epi16(-1));
+    }
+    _mm512_storeu_si512(ptr, packed);
+    return;
+  }
+#endif
   if constexpr (std::is_same_v<T, acc_t>) {
     v[0].store(ptr);
     v[1].store(ptr + Vectorized<acc_t>::size());
