@@ -585,21 +585,28 @@ struct Codec {
       }
       return;
     }
-    const SegmentQuantizer codes16;
-    const auto encode = [&](const auto& divide) {
-      int64_t i = 0;
-      for (; i + 16 <= n; i += 16) {
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), codes16(divide(_mm512_loadu_ps(v + i))));
-      }
-      if (i < n) {
-        const __mmask16 lanes = first_lanes16(n - i);
-        _mm_mask_storeu_epi8(codes + i, lanes, codes16(divide(_mm512_maskz_loadu_ps(lanes, v + i))));
-      }
-    };
     if (ExactQuotient::applies(absmax)) {
-      encode(ExactQuotient(absmax));
+      encode(v, n, codes, ExactQuotient(absmax));
     } else {
-      encode([scale = _mm512_set1_ps(absmax)](__m512 value) { return _mm512_div_ps(value, scale); });
+      encode(v, n, codes, [scale = _mm512_set1_ps(absmax)](__m512 value) { return _mm512_div_ps(value, scale); });
+    }
+  }
+
+ private:
+  // The codes of v[i] / absmax, each quotient computed by `divide`. Inlined by force: GCC compiled it (as a
+  // generic lambda) out of line in the library, and since a call clobbers every vector register, the 8-bit
+  // step then spilled and reloaded its tables and constants around each 64-element call: 1.4 instead of
+  // 1.15 TSC cycles per element (fp32 params, one core, 1M params), 1.65 instead of 1.33 for bf16.
+  template <typename Divide>
+  static C10_ALWAYS_INLINE void encode(const float* v, int64_t n, uint8_t* codes, const Divide& divide) {
+    const SegmentQuantizer codes16;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), codes16(divide(_mm512_loadu_ps(v + i))));
+    }
+    if (i < n) {
+      const __mmask16 lanes = first_lanes16(n - i);
+      _mm_mask_storeu_epi8(codes + i, lanes, codes16(divide(_mm512_maskz_loadu_ps(lanes, v + i))));
     }
   }
 };
