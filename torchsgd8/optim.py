@@ -356,13 +356,12 @@ class SGD(Optimizer):
                     if p.grad is not None:
                         _check_grad(p, p.grad, g, i)
         for group, buckets in zip(param_groups, planned):
-            self._update_group(group, buckets, grad_scale, found_inf)
+            self._update_group(group, buckets, grad_scale, found_inf, compiling)
         return loss
 
     def _update_group(self, group: dict, buckets: Optional[list], grad_scale: Optional[Tensor],
-                      found_inf: Optional[Tensor]) -> None:
+                      found_inf: Optional[Tensor], compiling: bool) -> None:
         """One op call per bucket of the group's params: `buckets` from its plan, else collected here."""
-        compiling = torch.compiler.is_compiling()
         staged: list[tuple[Tensor, Tensor]] = []  # (param, contiguous copy) for non-contiguous params
         created: list[Tensor] = []  # params whose state this step creates
         if buckets is None:
@@ -450,14 +449,7 @@ class SGD(Optimizer):
             if bucket is None:
                 bucket = buckets[key] = _new_bucket()
             param_keys.append(key)
-            bucket["params"].append(work)
-            bucket["grads"].append(grad)
-            if kind == "fp32":
-                bucket["buffers"].append(_local(state["momentum_buffer"]))
-            elif kind == "8bit":
-                bucket["codes"].append(_local(state["state1"]))
-                bucket["absmax"].append(_local(state["absmax1"]))
-                bucket["steps"].append(state["step"])
+            _add_to_bucket(bucket, kind, work, grad, state, localize=True)
         if plannable and not staged:
             # for the next steps, which are no param's first: (device, dtype, kind, False) buckets
             later_keys: dict[tuple, int] = {}
@@ -490,22 +482,10 @@ class SGD(Optimizer):
                 return None
             if p.dtype != dtype or p.device != device or not (p.is_contiguous() and grad.is_contiguous()):
                 return None
-            b = buckets[slot]
-            if kind == "8bit":
-                st = state.get(p)
-                codes = st.get("state1") if st else None
-                if codes is None:
-                    return None
-                b["codes"].append(codes)
-                b["absmax"].append(st["absmax1"])
-                b["steps"].append(st["step"])
-            elif kind == "fp32":
-                st = state.get(p)
-                if not st or "state1" in st:
-                    return None
-                b["buffers"].append(st["momentum_buffer"])
-            b["params"].append(p)
-            b["grads"].append(grad)
+            param_state = state.get(p) if kind != "none" else None
+            if kind != "none" and (not param_state or ("state1" in param_state) != (kind == "8bit")):
+                return None  # no state (a first step) or state of the other kind
+            _add_to_bucket(buckets[slot], kind, p, grad, param_state, localize=False)  # plans hold no DTensors
         return list(zip(plan.keys, buckets))
 
     # Every torch LR scheduler replaces `opt.step` on the instance with a wrapper (to record that step ran)
@@ -575,6 +555,26 @@ class _GroupPlan(NamedTuple):
 
 def _new_bucket() -> dict[str, list]:
     return {"params": [], "grads": [], "buffers": [], "codes": [], "absmax": [], "steps": []}
+
+
+def _add_to_bucket(bucket: dict[str, list], kind: str, work: Tensor, grad: Tensor, state: Optional[dict],
+                   localize: bool) -> None:
+    """One param's tensors for its op call: the (local) param and grad, and its state by kind ("fp32": the
+    momentum buffer; "8bit": codes, absmax and the step counter; "none": nothing), with `localize` this
+    rank's shards of DTensor state."""
+    local = _local if localize else _unchanged
+    bucket["params"].append(work)
+    bucket["grads"].append(grad)
+    if kind == "fp32":
+        bucket["buffers"].append(local(state["momentum_buffer"]))
+    elif kind == "8bit":
+        bucket["codes"].append(local(state["state1"]))
+        bucket["absmax"].append(local(state["absmax1"]))
+        bucket["steps"].append(state["step"])
+
+
+def _unchanged(t: Tensor) -> Tensor:
+    return t
 
 
 class SGD8bit(SGD):
