@@ -30,7 +30,7 @@ the usual cache instead (a cache left by earlier runs favours whichever graphs i
 Usage (see benchmarks/README.md):
   python benchmarks/bench_step.py                         # 1M, 16M, 64M params; mixed and single layouts
   python benchmarks/bench_step.py --sizes 1M --reps 3     # quick check
-  python benchmarks/bench_step.py --dtype bfloat16        # bf16 params and grads (and bf16 fp32-style buffers)
+  python benchmarks/bench_step.py --dtype bfloat16        # bf16 params and grads (full-precision buffers bf16 too)
   python benchmarks/bench_step.py --isa avx2              # torchsgd8's AVX2 (or default: portable) kernels
   python benchmarks/bench_step.py --prefetch 0            # torchsgd8's kernels without software prefetch
   python benchmarks/bench_step.py --isa avx2 --gather 0   # AVX2 kernels with scalar table loads, not gathers
