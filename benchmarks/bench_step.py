@@ -30,6 +30,7 @@ the usual cache instead (a cache left by earlier runs favours whichever graphs i
 Usage (see benchmarks/README.md):
   python benchmarks/bench_step.py                         # 1M, 16M, 64M params; mixed and single layouts
   python benchmarks/bench_step.py --sizes 1M --reps 3     # quick check
+  python benchmarks/bench_step.py --layouts deep         # 855 tensors at 16M: what each tensor costs
   python benchmarks/bench_step.py --dtype bfloat16        # bf16 params and grads (full-precision buffers bf16 too)
   python benchmarks/bench_step.py --isa avx2              # torchsgd8's AVX2 (or default: portable) kernels
   python benchmarks/bench_step.py --prefetch 0            # torchsgd8's kernels without software prefetch
@@ -164,13 +165,32 @@ def transformer_shapes(total: int) -> list[tuple[int, ...]]:
         d += 64
     if best is None:
         return [(total,)]
-    d, body = best
+    return _with_embedding(total, *best)
+
+
+def deep_shapes(total: int, d: int = 128) -> list[tuple[int, ...]]:
+    """Many small tensors with exactly ``total`` elements: as many d_model = 128 blocks (12 tensors each) as
+    fit in 85% of the total (16M: 71 blocks, 855 tensors), the rest a token embedding. What a step costs per
+    tensor outside the kernels. Totals too small for one block get one tensor."""
+    block = _block_shapes(d)
+    layers = int(0.85 * total) // sum(math.prod(s) for s in block)
+    if layers == 0:
+        return [(total,)]
+    return _with_embedding(total, d, [s for _ in range(layers) for s in block] + [(d,), (d,)])
+
+
+def _with_embedding(total: int, d: int, body: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """A (rows, d) token embedding with the elements `body` leaves of `total`, then `body`, then a vector of
+    the few (< d) that do not fill a row."""
     rows, rest = divmod(total - sum(math.prod(s) for s in body), d)
     return [(rows, d)] + body + ([(rest,)] if rest else [])
 
 
+LAYOUTS = {"mixed": transformer_shapes, "single": lambda total: [(total,)], "deep": deep_shapes}
+
+
 def layout_shapes(layout: str, total: int) -> list[tuple[int, ...]]:
-    return transformer_shapes(total) if layout == "mixed" else [(total,)]
+    return LAYOUTS[layout](total)
 
 
 # ---- per-method accounting ---------------------------------------------------------------------------
@@ -498,8 +518,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sizes", type=lambda s: [parse_size(x) for x in s.split(",")],
                         default=[2**20, 16 * 2**20, 64 * 2**20],
                         help="total parameter counts, K/M/G = 2^10/2^20/2^30 (default 1M,16M,64M)")
-    parser.add_argument("--layouts", type=_comma_list(["mixed", "single"]), default=["mixed", "single"],
-                        help="mixed: transformer-like tensors; single: one tensor (default both)")
+    parser.add_argument("--layouts", type=_comma_list(list(LAYOUTS)), default=["mixed", "single"],
+                        help="mixed: transformer-like tensors; single: one tensor; deep: many small tensors "
+                             "(default mixed,single)")
     parser.add_argument("--methods", type=_comma_list(list(METHODS)), default=None,
                         help=f"comma-separated, default all available: {', '.join(METHODS)}")
     parser.add_argument("--reps", type=int, default=10, help="timed steps per method (default 10)")

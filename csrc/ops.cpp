@@ -89,6 +89,9 @@ TORCH_LIBRARY(torchsgd8, m) {
   // is nonzero (a step the GradScaler skips does not count). One call for a whole list: a foreach add
   // costs ~1.5 us per 0-d tensor.
   m.def("count_steps_(Tensor(a!)[] steps, Tensor? found_inf=None) -> ()");
+  // whether one update call could take these params and grads: all params on one device, contiguous;
+  // each grad dense, contiguous, with its param's shape, dtype and device (csrc/checks.cpp)
+  m.def("grads_fit(Tensor[] params, Tensor[] grads) -> bool");
   // values -> (uint8 codes of values' shape, float32 absmax): absmax[ceil(numel / 256)], or with
   // per_row absmax[size(0), ceil(row / 256)] with blocks restarting at each index of dim 0
   m.def("quantize_blockwise(Tensor values, bool per_row=False) -> (Tensor codes, Tensor absmax)");

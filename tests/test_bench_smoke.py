@@ -85,3 +85,18 @@ def test_bench_step_with_bf16_params_counts_their_bytes(tmp_path):
     assert rows["torchsgd8_fp32"]["state_bytes_per_param"] == 2
     # 8-bit: 3 * 2 B of params and grads + 2 B of codes + absmax
     assert 8 < rows["torchsgd8_8bit"]["ideal_bytes_per_param"] < 8.1
+
+
+def test_layouts_hold_exactly_the_total():
+    """Every layout's tensors add up to the size asked for; `deep` is many small tensors."""
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        import bench_step
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    for total in (65536, 2**20, 16 * 2**20):
+        for layout in bench_step.LAYOUTS:
+            assert sum(math.prod(s) for s in bench_step.layout_shapes(layout, total)) == total, (layout, total)
+    deep = bench_step.layout_shapes("deep", 16 * 2**20)
+    assert len(deep) == 855 and max(math.prod(s) for s in deep[1:]) == 4 * 128 * 128
+    assert bench_step.layout_shapes("deep", 65536) == [(65536,)]  # too small for one block

@@ -173,6 +173,43 @@ def test_opcheck_count_steps(found_inf):
         torch.library.opcheck(OPS.count_steps_.default, ([], inf))
 
 
+def test_opcheck_grads_fit(gen):
+    params = [torch.randn(3, generator=gen, requires_grad=True), torch.randn(2, 5, generator=gen)]
+    grads = [torch.randn(3, generator=gen), torch.randn(2, 5, generator=gen)]
+    torch.library.opcheck(OPS.grads_fit.default, (params, grads))
+    torch.library.opcheck(OPS.grads_fit.default, ([], []))
+
+
+def _fitting_pair(gen):
+    return [torch.randn(3, generator=gen), torch.randn(4, 6, generator=gen)], \
+        [torch.randn(3, generator=gen), torch.randn(4, 6, generator=gen)]
+
+
+# What makes ops.grads_fit false: fn(params, grads) changes the second pair (or the lists).
+GRAD_MISFITS = {
+    "shape": lambda ps, gs: gs.__setitem__(1, torch.zeros(6, 4)),
+    "dtype": lambda ps, gs: gs.__setitem__(1, gs[1].double()),
+    "device": lambda ps, gs: gs.__setitem__(1, torch.zeros(4, 6, device="meta")),
+    "param device": lambda ps, gs: (ps.__setitem__(1, torch.zeros(4, 6, device="meta")),
+                                    gs.__setitem__(1, torch.zeros(4, 6, device="meta"))),
+    "sparse grad": lambda ps, gs: gs.__setitem__(1, gs[1].to_sparse()),
+    "strided grad": lambda ps, gs: gs.__setitem__(1, torch.zeros(6, 4).t()),
+    "strided param": lambda ps, gs: ps.__setitem__(1, torch.zeros(6, 4).t()),
+    "fewer grads": lambda ps, gs: gs.pop(),
+}
+
+
+@pytest.mark.parametrize("misfit", GRAD_MISFITS, ids=list(GRAD_MISFITS))
+def test_grads_fit_is_false_for_each_misfit_and_true_otherwise(misfit, gen):
+    params, grads = _fitting_pair(gen)
+    assert ops.grads_fit(params, grads)
+    assert ops.grads_fit(params[::-1], grads[::-1])  # params may differ in shape and dtype from each other
+    assert ops.grads_fit([params[0], params[1].double()], [grads[0], grads[1].double()])
+    GRAD_MISFITS[misfit](params, grads)
+    assert not ops.grads_fit(params, grads)
+    assert ops.grads_fit([], [])
+
+
 def test_count_steps_adds_one_unless_the_step_is_skipped():
     steps = [torch.tensor(3.0), torch.tensor(0.0), torch.tensor([7.0])]
     ops.count_steps_(steps)

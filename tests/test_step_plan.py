@@ -110,9 +110,16 @@ def _replace_param_data(opt, step):
             p.data = p.data.clone()
 
 
+def _noncontiguous_param(opt, step):
+    if step == CHANGE_AT:
+        for p in opt.param_groups[0]["params"]:
+            if p.dim() == 2:
+                p.data = p.data.t().contiguous().t()  # same values, column-major
+
+
 CHANGES = [_reset_state_dict, _delete_state, _clear_all_state, _new_state_mapping, _replace_buffer, _grad_none_once,
            _append_param, _remove_param, _swap_param, _momentum_off_then_on, _lr_change_and_back,
-           _noncontiguous_grad, _reload_state_dict, _replace_param_data]
+           _noncontiguous_grad, _noncontiguous_param, _reload_state_dict, _replace_param_data]
 
 
 def _train(make_opt, change, dtype=torch.float32):
@@ -216,9 +223,31 @@ def test_bad_grad_after_planned_steps_changes_nothing():
     second[0].grad.data = torch.randn(301, generator=gen)  # what `p.grad = ...` refuses
     with pytest.raises(RuntimeError, match="param 0 in group 1 .* must match its param"):
         opt.step()
+    second[0].grad.data = torch.randn(300, generator=gen, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="param 0 in group 1 .* must match its param"):
+        opt.step()
     second[0].grad = None
     second[0].grad = torch.randn(300, generator=gen).to_sparse()
     with pytest.raises(RuntimeError, match="param 0 in group 1 is sparse"):
         opt.step()
     after = [t for p in first + second for t in [p, *opt.state[p].values()]]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_a_group_on_two_devices_is_not_planned_and_still_updated():
+    """Params of one group on two devices go to one op call per device on every step (no plan)."""
+    gen = torch.Generator().manual_seed(0)
+    cpu = _param((5000,), gen)
+    ref = nn.Parameter(cpu.detach().clone())
+    meta = nn.Parameter(torch.empty(300, device="meta"))  # the ops' fake kernels run on meta tensors
+    opt = torchsgd8.SGD32bit([cpu, meta], lr=LR, momentum=MOMENTUM)
+    ref_opt = torch.optim.SGD([ref], lr=LR, momentum=MOMENTUM, foreach=False)
+    for _ in range(3):
+        cpu.grad = torch.randn(5000, generator=gen)
+        ref.grad = cpu.grad.clone()
+        meta.grad = torch.empty(300, device="meta")
+        opt.step()
+        ref_opt.step()
+    assert opt._plans == {}
+    assert opt.state[meta]["momentum_buffer"].device.type == "meta"
+    torch.testing.assert_close(cpu, ref, rtol=0, atol=0)

@@ -14,8 +14,8 @@ from torch import Tensor
 from . import _C  # noqa: F401  (loads the library that registers the ops)
 from .quantization import BLOCK_SIZE
 
-__all__ = ["sgd_update_", "sgd8bit_update_", "count_steps_", "quantize_blockwise", "dequantize_blockwise", "num_blocks",
-           "absmax_shape"]
+__all__ = ["sgd_update_", "sgd8bit_update_", "count_steps_", "grads_fit", "quantize_blockwise", "dequantize_blockwise",
+           "num_blocks", "absmax_shape"]
 
 
 def num_blocks(numel):
@@ -83,6 +83,12 @@ def sgd8bit_update_(
 def count_steps_(steps: Sequence[Tensor], found_inf: Optional[Tensor] = None) -> None:
     """steps[i] += 1 for one-element float32 CPU step counters, in place, unless ``found_inf`` is nonzero."""
     torch.ops.torchsgd8.count_steps_.default(steps, found_inf)
+
+
+def grads_fit(params: Sequence[Tensor], grads: Sequence[Tensor]) -> bool:
+    """Whether one update op call could take these params and grads: every param on params[0]'s device and
+    contiguous, every grad dense and contiguous with its param's shape, dtype and device. Never raises."""
+    return torch.ops.torchsgd8.grads_fit.default(params, grads)
 
 
 def quantize_blockwise(values: Tensor, per_row: bool = False) -> tuple[Tensor, Tensor]:
