@@ -117,9 +117,20 @@ def _noncontiguous_param(opt, step):
                 p.data = p.data.t().contiguous().t()  # same values, column-major
 
 
+def _frozen_param(opt, step):  # never has a grad (a frozen layer left in the optimizer)
+    opt.param_groups[0]["params"][2].grad = None
+
+
+def _frozen_until_change(opt, step):
+    if step < CHANGE_AT:
+        for p in opt.param_groups[0]["params"][:2]:
+            p.grad = None
+
+
 CHANGES = [_reset_state_dict, _delete_state, _clear_all_state, _new_state_mapping, _replace_buffer, _grad_none_once,
            _append_param, _remove_param, _swap_param, _momentum_off_then_on, _lr_change_and_back,
-           _noncontiguous_grad, _noncontiguous_param, _reload_state_dict, _replace_param_data]
+           _noncontiguous_grad, _noncontiguous_param, _reload_state_dict, _replace_param_data,
+           _frozen_param, _frozen_until_change]
 
 
 def _train(make_opt, change, dtype=torch.float32):
@@ -209,6 +220,35 @@ def test_steps_after_the_first_use_the_plan():
     step()
     step()
     assert len(full_passes) == 2  # one full pass to recreate the state, then planned again
+
+
+def test_params_without_grads_are_planned_too():
+    """A param that never gets a grad (frozen) does not stop the plan; one that gets a grad does."""
+    gen = torch.Generator().manual_seed(0)
+    params = [_param(s, gen) for s in SHAPES]
+    frozen = params[1]
+    opt = torchsgd8.SGD8bit(params, lr=LR, momentum=MOMENTUM)
+    full_passes = []
+    collect = opt._collect_buckets
+    opt._collect_buckets = lambda *args, **kwargs: full_passes.append(1) or collect(*args, **kwargs)
+
+    def step():
+        for p in params:
+            p.grad = None if p is frozen else torch.randn(p.shape, generator=gen)
+        opt.step()
+
+    for _ in range(3):
+        step()
+    assert len(full_passes) == 1 and frozen not in opt.state
+    before = frozen.detach().clone()
+    frozen.requires_grad_(False)  # a frozen param's grad stays None however often we step
+    step()
+    assert len(full_passes) == 1 and torch.equal(frozen, before)
+    frozen.requires_grad_(True)
+    frozen = None  # from now on every param has a grad: the plan no longer applies, a new one is made
+    step()
+    step()
+    assert len(full_passes) == 2 and params[1] in opt.state
 
 
 def test_bad_grad_after_planned_steps_changes_nothing():

@@ -414,13 +414,13 @@ class SGD(Optimizer):
         later steps where it still applies (_planned_buckets)."""
         uses_momentum = _uses_momentum(group["momentum"])
         buckets: dict[tuple, dict[str, list]] = {}
-        param_keys: list[tuple] = []  # per param with a grad: its bucket's key
+        param_keys: list[Optional[tuple]] = []  # per param: its bucket's key, None without a grad
         plannable = plan
         # traced param by param under torch.compile: .contiguous() only where it makes a copy
         for p in group["params"]:
             grad = p.grad
             if grad is None:
-                plannable = False
+                param_keys.append(None)
                 continue
             kind, first_step, state = "none", False, None
             if uses_momentum:  # without momentum there is no state at all, as in torch
@@ -446,15 +446,17 @@ class SGD(Optimizer):
                 bucket = buckets[key] = _new_bucket()
             param_keys.append(key)
             _add_to_bucket(bucket, kind, work, grad, state, localize=True)
-        devices = {key[0] for key in param_keys}
+        devices = {key[0] for key in param_keys if key is not None}
         if plannable and not staged and len(devices) == 1:
             # for the next steps, which are no param's first: (device, dtype, kind, False) buckets
             later_keys: dict[tuple, int] = {}
-            slots = tuple(later_keys.setdefault(key[:3] + (False,), len(later_keys)) for key in param_keys)
+            slots = tuple(-1 if key is None else later_keys.setdefault(key[:3] + (False,), len(later_keys))
+                          for key in param_keys)
             params = tuple(group["params"])
-            self._plans[id(group)] = _GroupPlan(group, uses_momentum, params, devices.pop(),
-                                                tuple(key[1] for key in param_keys), tuple(key[2] for key in param_keys),
-                                                slots, tuple(later_keys))
+            self._plans[id(group)] = _GroupPlan(
+                group, uses_momentum, params, tuple(p for p, key in zip(params, param_keys) if key is not None),
+                devices.pop(), tuple(None if key is None else key[1] for key in param_keys),
+                tuple(_NO_GRAD if key is None else key[2] for key in param_keys), slots, tuple(later_keys))
         elif plan:
             self._plans.pop(id(group), None)
         return list(buckets.items())
@@ -462,9 +464,10 @@ class SGD(Optimizer):
     def _planned_buckets(self, group: dict) -> Optional[list]:
         """The buckets of _collect_buckets from the group's plan, or None where the plan does not apply.
 
-        Every param is checked each step against what the plan assumed (the same param and dtype, on the
-        planned device and contiguous, with a plain contiguous grad of its shape, dtype and device, and state
-        of the planned kind), and the state is read afresh: edits of the group, of ``opt.state`` or of a
+        Every param is checked each step against what the plan assumed (the same param; still without a
+        grad if it had none, else of the same dtype, on the planned device and contiguous, with a plain
+        contiguous grad of its shape, dtype and device, and state of the planned kind), and the state is
+        read afresh: edits of the group, of ``opt.state`` or of a
         param's state dict between steps, and bad grads (which _check_grad then reports), fall back to the
         full path. Shapes, devices and contiguity are checked by one C++ call for all params (ops.grads_fit):
         asked per param in Python, they were a third of a step's Python work.
@@ -472,13 +475,17 @@ class SGD(Optimizer):
         plan = self._plans.get(id(group))
         params = group["params"]
         if (plan is None or plan.group is not group or plan.uses_momentum != _uses_momentum(group["momentum"])
-                or len(params) != len(plan.params) or params[0].device != plan.device):
+                or len(params) != len(plan.params)):
             return None
         buckets = [_new_bucket() for _ in plan.keys]
         grads = []
         state = self.state
         for p, planned, dtype, kind, slot in zip(params, plan.params, plan.dtypes, plan.kinds, plan.slots):
             grad = p.grad
+            if kind is _NO_GRAD:  # a param without grad (frozen, say) must still have none
+                if p is not planned or grad is not None:
+                    return None
+                continue
             if p is not planned or grad is None or type(grad) is not Tensor or p.dtype is not dtype:
                 return None
             param_state = state.get(p) if kind != "none" else None
@@ -486,7 +493,10 @@ class SGD(Optimizer):
                 return None  # no state (a first step) or state of the other kind
             grads.append(grad)
             _add_to_bucket(buckets[slot], kind, p, grad, param_state, localize=False)  # plans hold no DTensors
-        if not ops.grads_fit(params, grads):  # all on params[0]'s device, which is the plan's
+        # the params with grads are the plan's (each was checked to be its planned param); all on the device
+        # of the first, which must be the plan's
+        updated = plan.updated
+        if updated[0].device != plan.device or not ops.grads_fit(updated, grads):
             return None
         return list(zip(plan.keys, buckets))
 
@@ -544,17 +554,22 @@ class SGD(Optimizer):
 
 
 class _GroupPlan(NamedTuple):
-    """How a param group's last step was split into op calls (see SGD._planned_buckets): the device of all
-    its params, and per param its dtype, state kind and bucket; holds no state tensors, which are read
-    afresh every step. Groups whose params span devices get no plan."""
+    """How a param group's last step was split into op calls (see SGD._planned_buckets): the params that
+    had grads (`updated`) and their device, and per param its dtype, state kind (_NO_GRAD: it had no grad)
+    and bucket (-1 without grad); holds no state tensors, which are read afresh every step. Groups whose
+    params span devices, or none of whose params have a grad, get no plan."""
     group: dict
     uses_momentum: bool
     params: tuple[Tensor, ...]
+    updated: tuple[Tensor, ...]
     device: torch.device
-    dtypes: tuple[torch.dtype, ...]
+    dtypes: tuple[Optional[torch.dtype], ...]
     kinds: tuple[str, ...]
     slots: tuple[int, ...]
     keys: tuple[tuple, ...]
+
+
+_NO_GRAD = "no grad"  # a plan's state kind for a param that had no grad
 
 
 def _new_bucket() -> dict[str, list]:
