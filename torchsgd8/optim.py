@@ -467,10 +467,10 @@ class SGD(Optimizer):
         Every param is checked each step against what the plan assumed (the same param; still without a
         grad if it had none, else of the same dtype, on the planned device and contiguous, with a plain
         contiguous grad of its shape, dtype and device, and state of the planned kind), and the state is
-        read afresh: edits of the group, of ``opt.state`` or of a
-        param's state dict between steps, and bad grads (which _check_grad then reports), fall back to the
-        full path. Shapes, devices and contiguity are checked by one C++ call for all params (ops.grads_fit):
-        asked per param in Python, they were a third of a step's Python work.
+        read afresh: edits of the group, of ``opt.state`` or of a param's state dict between steps, and bad
+        grads (which _check_grad then reports), fall back to the full path. Shapes, devices and contiguity
+        are checked by one C++ call for all params (ops.grads_fit): asked per param in Python, they were a
+        third of a step's Python work.
         """
         plan = self._plans.get(id(group))
         params = group["params"]
@@ -569,7 +569,7 @@ class _GroupPlan(NamedTuple):
     keys: tuple[tuple, ...]
 
 
-_NO_GRAD = "no grad"  # a plan's state kind for a param that had no grad
+_NO_GRAD = "no grad"  # a plan's state kind for a param that had no grad (compared by identity)
 
 
 def _new_bucket() -> dict[str, list]:
