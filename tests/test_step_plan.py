@@ -251,6 +251,28 @@ def test_params_without_grads_are_planned_too():
     assert len(full_passes) == 2 and params[1] in opt.state
 
 
+def test_no_plan_is_made_for_grads_it_would_refuse():
+    """Non-contiguous grads are copied by the full pass; a plan made from that step would refuse the same
+    grads on the next one, so none is made until the grads fit."""
+    gen = torch.Generator().manual_seed(0)
+    params = [_param(s, gen) for s in SHAPES]
+    opt = torchsgd8.SGD8bit(params, lr=LR, momentum=MOMENTUM)
+    full_passes = _count_full_passes(opt)
+
+    def step(contiguous):
+        for p in params:
+            grad = torch.randn(p.shape[::-1], generator=gen).t() if p.dim() == 2 else torch.randn(p.shape, generator=gen)
+            p.grad = grad.contiguous() if contiguous else grad
+        opt.step()
+
+    for _ in range(3):
+        step(contiguous=False)
+    assert len(full_passes) == 3 and opt._plans == {}
+    for _ in range(3):
+        step(contiguous=True)
+    assert len(full_passes) == 4 and len(opt._plans) == 1
+
+
 def test_bad_grad_after_planned_steps_changes_nothing():
     gen = torch.Generator().manual_seed(0)
     first, second = [_param(s, gen) for s in SHAPES], [_param((300,), gen)]

@@ -440,6 +440,7 @@ class SGD(Optimizer):
                 staged.append((p, work))
             if not grad.is_contiguous():
                 grad = grad.contiguous()
+                plannable = False  # the plan takes grads as they are: it would only fail the next step
             key = (p.device, work.dtype, kind, first_step)
             bucket = buckets.get(key)
             if bucket is None:
