@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "op_checks.h"
+
 namespace torchsgd8 {
 namespace {
 
@@ -17,12 +19,8 @@ bool grads_fit(at::TensorList params, at::TensorList grads) {
   }
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
-    const at::Tensor& g = grads[i];
-    if (!p.defined() || !g.defined() || p.layout() != at::kStrided || g.layout() != at::kStrided) {
-      return false;  // is_contiguous() is undefined for sparse layouts: asked only after this
-    }
-    if (p.device() != params[0].device() || g.device() != p.device() || g.scalar_type() != p.scalar_type() ||
-        g.sizes() != p.sizes() || !p.is_contiguous() || !g.is_contiguous()) {
+    if (!p.defined() || !grads[i].defined() || p.layout() != at::kStrided || p.device() != params[0].device() ||
+        !p.is_contiguous() || grad_misfit(p, grads[i]) != GradMisfit::kNone) {
       return false;
     }
   }

@@ -37,6 +37,20 @@ inline double read_hyperparameter(const at::Tensor& t, const char* name) {
   return t.item().toDouble();
 }
 
+// Why grad g cannot update a contiguous param p in place (kNone: it can): it must be dense (strided)
+// and contiguous, with p's shape, dtype and device. Shared by the update ops' checks and grads_fit.
+enum class GradMisfit { kNone, kNotStrided, kMismatch, kNotContiguous };
+
+inline GradMisfit grad_misfit(const at::Tensor& p, const at::Tensor& g) {
+  if (g.layout() != at::kStrided) {
+    return GradMisfit::kNotStrided;  // before is_contiguous(), which sparse layouts do not answer
+  }
+  if (g.sizes() != p.sizes() || g.scalar_type() != p.scalar_type() || g.device() != p.device()) {
+    return GradMisfit::kMismatch;
+  }
+  return g.is_contiguous() ? GradMisfit::kNone : GradMisfit::kNotContiguous;
+}
+
 // Shared by both update ops: the params/grads lists, and the hyperparameters.
 inline void check_params_and_grads(at::TensorList params, at::TensorList grads) {
   TORCH_CHECK(params.size() == grads.size(), "torchsgd8: got ", params.size(), " params but ",
@@ -52,11 +66,12 @@ inline void check_params_and_grads(at::TensorList params, at::TensorList grads) 
                 p.scalar_type(), " on ", p.device(), ", param 0 is ", params[0].scalar_type(), " on ",
                 params[0].device());
     TORCH_CHECK(p.is_contiguous(), "torchsgd8: param ", i, " is not contiguous");
-    TORCH_CHECK(!g.is_sparse(), "torchsgd8: grad ", i, " is sparse; sparse gradients are not supported");
-    TORCH_CHECK(g.sizes() == p.sizes() && g.scalar_type() == p.scalar_type() && g.device() == p.device(),
-                "torchsgd8: grad ", i, " (", g.scalar_type(), g.sizes(), " on ", g.device(),
-                ") must match its param (", p.scalar_type(), p.sizes(), " on ", p.device(), ")");
-    TORCH_CHECK(g.is_contiguous(), "torchsgd8: grad ", i, " is not contiguous");
+    const GradMisfit misfit = grad_misfit(p, g);
+    TORCH_CHECK(misfit != GradMisfit::kNotStrided, "torchsgd8: grad ", i, " has layout ", g.layout(),
+                "; sparse gradients are not supported");
+    TORCH_CHECK(misfit != GradMisfit::kMismatch, "torchsgd8: grad ", i, " (", g.scalar_type(), g.sizes(), " on ",
+                g.device(), ") must match its param (", p.scalar_type(), p.sizes(), " on ", p.device(), ")");
+    TORCH_CHECK(misfit != GradMisfit::kNotContiguous, "torchsgd8: grad ", i, " is not contiguous");
   }
 }
 
