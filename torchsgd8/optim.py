@@ -446,7 +446,10 @@ class SGD(Optimizer):
             if bucket is None:
                 bucket = buckets[key] = _new_bucket()
             param_keys.append(key)
-            _add_to_bucket(bucket, kind, work, grad, state, localize=True)
+            _add_to_bucket(bucket, kind, work, grad, state)
+        for bucket in buckets.values():  # this rank's shards of DTensor state
+            for name in ("buffers", "codes", "absmax"):
+                bucket[name] = [_local(t) for t in bucket[name]]
         devices = {key[0] for key in param_keys if key is not None}
         if plannable and not staged and len(devices) == 1:
             # for the next steps, which are no param's first: (device, dtype, kind, False) buckets
@@ -493,7 +496,7 @@ class SGD(Optimizer):
             if kind != "none" and (not param_state or ("state1" in param_state) != (kind == "8bit")):
                 return None  # no state (a first step) or state of the other kind
             grads.append(grad)
-            _add_to_bucket(buckets[slot], kind, p, grad, param_state, localize=False)  # plans hold no DTensors
+            _add_to_bucket(buckets[slot], kind, p, grad, param_state)  # plans hold no DTensors
         # the params with grads are the plan's (each was checked to be its planned param); all on the device
         # of the first, which must be the plan's
         updated = plan.updated
@@ -577,24 +580,18 @@ def _new_bucket() -> dict[str, list]:
     return {"params": [], "grads": [], "buffers": [], "codes": [], "absmax": [], "steps": []}
 
 
-def _add_to_bucket(bucket: dict[str, list], kind: str, work: Tensor, grad: Tensor, state: Optional[dict],
-                   localize: bool) -> None:
+def _add_to_bucket(bucket: dict[str, list], kind: str, work: Tensor, grad: Tensor, state: Optional[dict]) -> None:
     """One param's tensors for its op call: the (local) param and grad, and its state by kind ("fp32": the
-    momentum buffer; "8bit": codes, absmax and the step counter; "none": nothing), with `localize` this
-    rank's shards of DTensor state."""
-    local = _local if localize else _unchanged
+    momentum buffer; "8bit": codes, absmax and the step counter; "none": nothing), as they are in `state`
+    (DTensors too: the full pass takes their local shards afterwards, for all params at once)."""
     bucket["params"].append(work)
     bucket["grads"].append(grad)
     if kind == "fp32":
-        bucket["buffers"].append(local(state["momentum_buffer"]))
+        bucket["buffers"].append(state["momentum_buffer"])
     elif kind == "8bit":
-        bucket["codes"].append(local(state["state1"]))
-        bucket["absmax"].append(local(state["absmax1"]))
+        bucket["codes"].append(state["state1"])
+        bucket["absmax"].append(state["absmax1"])
         bucket["steps"].append(state["step"])
-
-
-def _unchanged(t: Tensor) -> Tensor:
-    return t
 
 
 class SGD8bit(SGD):
