@@ -485,12 +485,14 @@ class SGD(Optimizer):
         grads = []
         state = self.state
         for p, planned, dtype, kind, slot in zip(params, plan.params, plan.dtypes, plan.kinds, plan.slots):
+            if p is not planned:
+                return None
             grad = p.grad
             if kind is _NO_GRAD:  # a param without grad (frozen, say) must still have none
-                if p is not planned or grad is not None:
+                if grad is not None:
                     return None
                 continue
-            if p is not planned or grad is None or type(grad) is not Tensor or p.dtype is not dtype:
+            if grad is None or type(grad) is not Tensor or p.dtype is not dtype:
                 return None
             param_state = state.get(p) if kind != "none" else None
             if kind != "none" and (not param_state or ("state1" in param_state) != (kind == "8bit")):
