@@ -78,13 +78,13 @@ void bump_versions_of_written(const c10::OperatorHandle& op, c10::DispatchKeySet
 
 TORCH_LIBRARY_IMPL(torchsgd8, Autograd, m) {
   for (const char* op :
-       {"sgd_update_", "sgd8bit_update_", "count_steps_", "quantize_blockwise", "dequantize_blockwise"}) {
+       {"sgd_update_", "sgd8bit_update_", "quantize_blockwise", "dequantize_blockwise"}) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&reject_requires_grad>());
   }
 }
 
 TORCH_LIBRARY_IMPL(torchsgd8, ADInplaceOrView, m) {
-  for (const char* op : {"sgd_update_", "sgd8bit_update_", "count_steps_"}) {
+  for (const char* op : {"sgd_update_", "sgd8bit_update_"}) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&bump_versions_of_written>());
   }
 }

@@ -135,6 +135,22 @@ inline std::vector<BlockLayout> check_codes_and_absmax(at::TensorList params, at
   return layouts;
 }
 
+// The 8-bit state's step counters: none, or one per param, each a one-element float32 CPU tensor (as
+// bitsandbytes keeps them; counting on the host needs no device work).
+inline void check_step_counters(at::TensorList params, const std::optional<at::TensorList>& steps) {
+  if (!steps.has_value()) {
+    return;
+  }
+  TORCH_CHECK(steps->size() == params.size(), "torchsgd8: got ", params.size(), " params but ", steps->size(),
+              " steps");
+  for (size_t i = 0; i < steps->size(); ++i) {
+    const at::Tensor& step = (*steps)[i];
+    TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kFloat && step.device().is_cpu(),
+                "torchsgd8: steps[", i, "] must be a one-element float32 CPU tensor; got ", step.scalar_type(),
+                " of ", step.numel(), " elements on ", step.device());
+  }
+}
+
 // Reads the hyperparameters once per call. Returns false when found_inf says to skip the step.
 inline bool read_hyper(const at::Tensor& lr, const at::Tensor& momentum, double dampening,
                        double weight_decay, bool nesterov, bool maximize, bool first_step,

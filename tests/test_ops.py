@@ -164,13 +164,12 @@ def test_opcheck_dequantize_blockwise(shape, dtype, gen):
     torch.library.opcheck(OPS.dequantize_blockwise.default, (codes, absmax, dtype))
 
 
-@pytest.mark.parametrize("found_inf", [None, 0.0, 1.0])
-def test_opcheck_count_steps(found_inf):
-    steps = [torch.tensor(3.0), torch.tensor(0.0), torch.zeros(1)]
-    inf = None if found_inf is None else torch.tensor(found_inf)
-    torch.library.opcheck(OPS.count_steps_.default, (steps, inf))
-    if inf is not None:  # (without any tensor argument there is no device to dispatch on)
-        torch.library.opcheck(OPS.count_steps_.default, ([], inf))
+@pytest.mark.parametrize("amp", ["no-amp", "scale", "skip"])
+@pytest.mark.parametrize("first_step", [False, True], ids=["later", "first"])
+def test_opcheck_sgd8bit_update_with_step_counters(first_step, amp, gen):
+    args = _sgd8_args(gen, first_step=first_step)
+    steps = [torch.tensor(3.0), torch.tensor(0.0), torch.zeros(1)]  # 0-dim and one-element counters
+    torch.library.opcheck(OPS.sgd8bit_update_.default, tuple(args), dict(AMP[amp], steps=steps))
 
 
 def test_opcheck_grads_fit(gen):
@@ -210,17 +209,35 @@ def test_grads_fit_is_false_for_each_misfit_and_true_otherwise(misfit, gen):
     assert ops.grads_fit([], [])
 
 
-def test_count_steps_adds_one_unless_the_step_is_skipped():
-    steps = [torch.tensor(3.0), torch.tensor(0.0), torch.tensor([7.0])]
-    ops.count_steps_(steps)
-    assert [s.item() for s in steps] == [4.0, 1.0, 8.0]
-    ops.count_steps_(steps, torch.tensor(0.0))
-    assert [s.item() for s in steps] == [5.0, 2.0, 9.0]
-    ops.count_steps_(steps, torch.tensor(1.0))  # found_inf: skipped, does not count
-    assert [s.item() for s in steps] == [5.0, 2.0, 9.0]
+def test_sgd8bit_update_counts_steps_unless_the_step_is_skipped(gen):
+    args = _sgd8_args(gen, first_step=True)
     base = torch.zeros(4)
-    ops.count_steps_([base[2]])  # a view: its own element only
-    assert base.tolist() == [0.0, 0.0, 1.0, 0.0]
+    steps = [torch.tensor(3.0), torch.tensor([7.0]), base[2]]  # 0-dim, one element, a view of another tensor
+    versions = [s._version for s in steps]
+    ops.sgd8bit_update_(*args, steps=steps)  # a first step counts too
+    assert [s.item() for s in steps] == [4.0, 8.0, 1.0]
+    assert base.tolist() == [0.0, 0.0, 1.0, 0.0]  # the view's own element only
+    assert all(s._version > v for s, v in zip(steps, versions))  # written, as autograd must know
+    args[-1] = False
+    ops.sgd8bit_update_(*args, found_inf=torch.tensor(0.0), steps=steps)
+    assert [s.item() for s in steps] == [5.0, 9.0, 2.0]
+    snap = _snapshot(args)
+    ops.sgd8bit_update_(*args, found_inf=torch.tensor(1.0), steps=steps)  # skipped: nothing changes, no count
+    assert [s.item() for s in steps] == [5.0, 9.0, 2.0]
+    _assert_unchanged(args, snap)
+    ops.sgd8bit_update_(*args)  # without counters: the same update, nothing counted
+    assert [s.item() for s in steps] == [5.0, 9.0, 2.0]
+    assert not _same_bits(args[0][2], snap[0][2])
+
+
+def test_sgd8bit_update_with_and_without_step_counters_is_bitwise_the_same(gen):
+    args = _sgd8_args(gen)
+    other = [[t.clone() for t in a] if isinstance(a, list) else a for a in args]
+    ops.sgd8bit_update_(*args, steps=[torch.zeros(()) for _ in args[0]])
+    ops.sgd8bit_update_(*other)
+    for now, expected in zip(_snapshot(args), _snapshot(other)):
+        for x, y in zip(now, expected) if isinstance(now, list) else [(now, expected)]:
+            assert _same_bits(x, y)
 
 
 # ---- bad arguments: RuntimeError with a helpful message, nothing changed -----------------------------------
@@ -354,17 +371,24 @@ def test_sgd8bit_update_rejects_bad_arguments(name, mutate, message, gen):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (torch.tensor(1, dtype=torch.int64), r"steps\[1\] must be a one-element float32 CPU tensor; got Long"),
-    (torch.tensor(1.0, dtype=torch.float64), r"steps\[1\] must be a one-element float32 CPU tensor; got Double"),
-    (torch.zeros(2), r"steps\[1\] must be a one-element float32 CPU tensor; got Float of 2 elements"),
-])
-def test_count_steps_rejects_bad_counters_and_changes_nothing(bad, message):
-    good = torch.tensor(5.0)
+    ([torch.tensor(1, dtype=torch.int64), torch.zeros(())],
+     r"steps\[1\] must be a one-element float32 CPU tensor; got Long"),
+    ([torch.tensor(1.0, dtype=torch.float64), torch.zeros(())],
+     r"steps\[1\] must be a one-element float32 CPU tensor; got Double"),
+    ([torch.zeros(2), torch.zeros(())], r"steps\[1\] must be a one-element float32 CPU tensor; got Float of 2 elements"),
+    ([torch.zeros((), device="meta"), torch.zeros(())],
+     r"steps\[1\] must be a one-element float32 CPU tensor; got Float of 1 elements on meta"),
+    ([torch.zeros(())] * 3, r"got 3 params but 4 steps"),
+    ([torch.zeros(())], r"got 3 params but 2 steps"),
+], ids=["int64", "float64", "two-elements", "meta", "too-many", "too-few"])
+def test_sgd8bit_update_rejects_bad_step_counters_and_changes_nothing(bad, message, gen):
+    args = _sgd8_args(gen)
+    steps = [torch.tensor(5.0), *bad]
+    snap = _snapshot(args)
     with pytest.raises(RuntimeError, match=message):
-        ops.count_steps_([good, bad])
-    assert good.item() == 5.0
-    with pytest.raises(RuntimeError, match="found_inf must be a 1-element tensor"):
-        ops.count_steps_([good], torch.zeros(2))
+        ops.sgd8bit_update_(*args, steps=steps)
+    _assert_unchanged(args, snap)
+    assert steps[0].item() == 5.0
 
 
 def test_quantize_dequantize_reject_bad_arguments(gen):

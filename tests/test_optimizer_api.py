@@ -350,13 +350,14 @@ def test_8bit_and_full_precision_state_kinds_are_separate_buckets(gen):
         _set_grads([params], gen)
         calls = _record_step(opt)
         summary = sorted((name, str(args["params"][0].dtype), len(args["params"]), args["first_step"])
-                         for name, args in calls if name != "count_steps_")
+                         for name, args in calls)
         assert summary == [("sgd8bit_update_", "torch.float32", 2, step == 0),
                            ("sgd_update_", "torch.float32", 1, step == 0),
                            ("sgd_update_", "torch.float64", 1, step == 0)]
-        # the 8-bit state's step counters: one call for the bucket
-        counted = [args["steps"] for name, args in calls if name == "count_steps_"]
-        assert len(counted) == 1 and len(counted[0]) == 2
+        # the 8-bit state's step counters are counted by the bucket's own call
+        counted = [args["steps"] for name, args in calls if name == "sgd8bit_update_"]
+        assert [[s.item() for s in c] for c in counted] == [[step + 1.0] * 2]
+        assert [s is opt.state[p]["step"] for s, p in zip(counted[0], params[:2])] == [True, True]
 
 
 # ---- python -m torchsgd8 ------------------------------------------------------------------------------------
@@ -368,7 +369,7 @@ def test_module_main_prints_versions_ops_and_isa():
     out = proc.stdout
     assert torchsgd8.__version__ in out
     assert torch.__version__ in out
-    for op in ("sgd_update_", "sgd8bit_update_", "count_steps_", "quantize_blockwise", "dequantize_blockwise"):
+    for op in ("sgd_update_", "sgd8bit_update_", "grads_fit", "quantize_blockwise", "dequantize_blockwise"):
         assert f"torchsgd8::{op}" in out
     assert torchsgd8._C.cpu_isa() in out
     assert f"prefetch {'on' if torchsgd8._C.cpu_prefetch() else 'off'}" in out

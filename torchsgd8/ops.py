@@ -14,7 +14,7 @@ from torch import Tensor
 from . import _C  # noqa: F401  (loads the library that registers the ops)
 from .quantization import BLOCK_SIZE
 
-__all__ = ["sgd_update_", "sgd8bit_update_", "count_steps_", "grads_fit", "quantize_blockwise", "dequantize_blockwise",
+__all__ = ["sgd_update_", "sgd8bit_update_", "grads_fit", "quantize_blockwise", "dequantize_blockwise",
            "num_blocks", "absmax_shape"]
 
 
@@ -72,17 +72,17 @@ def sgd8bit_update_(
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
     rounding_seed: Optional[Tensor] = None,
+    steps: Optional[Sequence[Tensor]] = None,
 ) -> None:
-    """The same update with the momentum buffer stored as 8-bit blockwise codes + absmax, in place."""
+    """The same update with the momentum buffer stored as 8-bit blockwise codes + absmax, in place.
+
+    steps: the params' step counters (one-element float32 CPU tensors), each incremented in place when
+    the step runs (not when found_inf is nonzero).
+    """
     torch.ops.torchsgd8.sgd8bit_update_.default(
         params, grads, codes, absmax, lr, momentum, dampening, weight_decay, nesterov, maximize,
-        first_step, grad_scale, found_inf, rounding_seed,
+        first_step, grad_scale, found_inf, rounding_seed, steps,
     )
-
-
-def count_steps_(steps: Sequence[Tensor], found_inf: Optional[Tensor] = None) -> None:
-    """steps[i] += 1 for one-element float32 CPU step counters, in place, unless ``found_inf`` is nonzero."""
-    torch.ops.torchsgd8.count_steps_.default(steps, found_inf)
 
 
 def grads_fit(params: Sequence[Tensor], grads: Sequence[Tensor]) -> bool:
@@ -115,14 +115,10 @@ def _(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, ne
 
 @torch.library.register_fake("torchsgd8::sgd8bit_update_")
 def _(params, grads, codes, absmax, lr, momentum, dampening, weight_decay, nesterov, maximize,
-      first_step, grad_scale=None, found_inf=None, rounding_seed=None):
+      first_step, grad_scale=None, found_inf=None, rounding_seed=None, steps=None):
     torch._check(len(params) == len(grads) == len(codes) == len(absmax),
                  lambda: "sgd8bit_update_: params, grads, codes and absmax differ in length")
-    return None
-
-
-@torch.library.register_fake("torchsgd8::count_steps_")
-def _(steps, found_inf=None):
+    torch._check(steps is None or len(steps) == len(params), lambda: "sgd8bit_update_: params and steps differ in length")
     return None
 
 

@@ -376,12 +376,11 @@ class SGD(Optimizer):
             size = _COMPILED_CALL_SIZE if seed is None and compiling else n
             for i in range(0, n, size):
                 j = i + size
-                if kind == "8bit":
-                    ops.sgd8bit_update_(b["params"][i:j], b["grads"][i:j], b["codes"][i:j], b["absmax"][i:j], *common)
+                if kind == "8bit":  # counts the steps too (a skipped step does not count, as in torch's fused optimizers)
+                    ops.sgd8bit_update_(b["params"][i:j], b["grads"][i:j], b["codes"][i:j], b["absmax"][i:j], *common,
+                                        steps=b["steps"][i:j])
                 else:
                     ops.sgd_update_(b["params"][i:j], b["grads"][i:j], b["buffers"][i:j], *common)
-            if kind == "8bit":  # a skipped step does not count, as in torch's fused optimizers
-                ops.count_steps_(b["steps"], None if found_inf is None else found_inf.cpu())
         for p, work in staged:
             _local(p).copy_(work)
         if rounding_seed is not None and buckets:

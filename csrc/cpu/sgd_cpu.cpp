@@ -117,32 +117,22 @@ void sgd8bit_update_cpu(at::TensorList params, at::TensorList grads, at::TensorL
                         at::TensorList absmax, const at::Tensor& lr, const at::Tensor& momentum, double dampening,
                         double weight_decay, bool nesterov, bool maximize, bool first_step,
                         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                        const std::optional<at::Tensor>& rounding_seed) {
+                        const std::optional<at::Tensor>& rounding_seed, const std::optional<at::TensorList>& steps) {
   check_params_and_grads(params, grads);
   const std::vector<BlockLayout> layouts = check_codes_and_absmax(params, codes, absmax);
+  check_step_counters(params, steps);
   SgdHyper<double> hyper;
   if (read_hyper(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, /*use_momentum=*/true,
                  grad_scale, found_inf, rounding_seed, params, hyper)) {
     kernels().sgd8bit_update(params, grads, codes, absmax, layouts, hyper);  // writes all state on a first step
+    for (const at::Tensor& step : steps.value_or(at::TensorList())) {
+      *step.data_ptr<float>() += 1.0f;
+    }
   } else if (first_step) {  // skipped: the uninitialised state becomes empty momentum (see sgd_update_cpu)
     for (size_t i = 0; i < codes.size(); ++i) {
       codes[i].fill_(kZeroCode);
       absmax[i].zero_();
     }
-  }
-}
-
-void count_steps_cpu(at::TensorList steps, const std::optional<at::Tensor>& found_inf) {
-  for (size_t i = 0; i < steps.size(); ++i) {
-    TORCH_CHECK(steps[i].numel() == 1 && steps[i].scalar_type() == at::kFloat && steps[i].device().is_cpu(),
-                "torchsgd8.count_steps_: steps[", i, "] must be a one-element float32 CPU tensor; got ",
-                steps[i].scalar_type(), " of ", steps[i].numel(), " elements on ", steps[i].device());
-  }
-  if (found_inf.has_value() && read_hyperparameter(*found_inf, "found_inf") != 0.0) {
-    return;
-  }
-  for (const at::Tensor& step : steps) {
-    *step.data_ptr<float>() += 1.0f;
   }
 }
 
@@ -205,7 +195,6 @@ bool gather_table_reads() {
 TORCH_LIBRARY_IMPL(torchsgd8, CPU, m) {
   m.impl("sgd_update_", &sgd_update_cpu);
   m.impl("sgd8bit_update_", &sgd8bit_update_cpu);
-  m.impl("count_steps_", &count_steps_cpu);
   m.impl("quantize_blockwise", &quantize_blockwise_cpu);
   m.impl("dequantize_blockwise", &dequantize_blockwise_cpu);
 }
