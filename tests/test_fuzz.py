@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 
 import torchsgd8
 from torchsgd8._state import FORMAT_KEY, StateDictError
-from torchsgd8.optim import MIN_ROW_LENGTH
+from torchsgd8._layout import MIN_ROW_LENGTH
 from torchsgd8.quantization import BLOCK_SIZE, absmax_per_element, signed_dynamic_map
 
 QMAP64 = signed_dynamic_map().to(torch.float64)
