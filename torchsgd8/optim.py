@@ -8,8 +8,6 @@ state-dict conversion in ``_state.py``.
 """
 from __future__ import annotations
 
-import functools
-from itertools import chain
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
@@ -19,14 +17,9 @@ from torch.optim import Optimizer
 from . import _state, ops
 from ._checks import check_grad, read_bnb_args, validate_group
 from ._layout import EIGHT_BIT, FULL, NONE, codebook_copy, init_state, local, uses_momentum
+from ._torch_private import adopt_step_protocols, amp_scaling_args, record_step_called
 
 __all__ = ["SGD", "SGD8bit", "SGD32bit"]
-
-try:  # what torch.optim.Optimizer's own step wrapper uses (see _profiled_step)
-    from torch._C._profiler import _RecordFunctionFast
-    from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
-except ImportError:  # another torch version: Optimizer wraps step itself
-    _RecordFunctionFast = None
 
 # Under torch.compile a bucket's op call is split into calls on at most this many params. Inductor's
 # decomposition of the functionalized mutable op (post-grad pass decompose_auto_functionalized, torch 2.13)
@@ -47,50 +40,7 @@ def _as_tensor(value: float | Tensor) -> Tensor:
     return value if isinstance(value, Tensor) else torch.tensor(float(value), dtype=torch.float64)
 
 
-def _profiled_step(step: Callable) -> Callable:
-    """torch.optim.Optimizer's step wrapper (step pre/post hooks, global and per optimizer, and the profiler
-    range "Optimizer.step#<class>.step"), with the range opened by the C++ _RecordFunctionFast instead of
-    torch's Python record_function, which costs ~100 us per step when the caches are cold, as they are after
-    a backward pass (about 20 % of a step of 1M params); for the same reason eager steps switch grad mode off
-    directly rather than through torch.no_grad (~35 us). Marked `hooked`: Optimizer does not wrap it again."""
-
-    body = step.__wrapped__  # step without its @torch.no_grad()
-
-    def eager_step(self, *args, **kwargs):  # what @torch.no_grad() does, minus its Python context manager
-        grad_was_enabled = torch.is_grad_enabled()
-        torch._C._set_grad_enabled(False)
-        try:
-            return body(self, *args, **kwargs)
-        finally:
-            torch._C._set_grad_enabled(grad_was_enabled)
-
-    @functools.wraps(step)
-    def wrapper(self, *args, **kwargs):
-        if type(self).step is not wrapper:  # a subclass's own step, which Optimizer wrapped, called this one
-            return step(self, *args, **kwargs)
-        if torch.compiler.is_compiling():  # dynamo traces the hooks; the range is the compiled graph's
-            return _run_with_step_hooks(self, step, args, kwargs)
-        with _RecordFunctionFast(f"Optimizer.step#{type(self).__name__}.step"):
-            return _run_with_step_hooks(self, eager_step, args, kwargs)
-
-    wrapper.hooked = True
-    return wrapper
-
-
-def _run_with_step_hooks(opt: Optimizer, step: Callable, args: tuple, kwargs: dict) -> Any:
-    for pre_hook in chain(_global_optimizer_pre_hooks.values(), opt._optimizer_step_pre_hooks.values()):
-        result = pre_hook(opt, args, kwargs)
-        if result is not None:
-            if not (isinstance(result, tuple) and len(result) == 2):
-                raise RuntimeError(f"{step} must return None or a tuple of (new_args, new_kwargs), but got {result}.")
-            args, kwargs = result
-    out = step(opt, *args, **kwargs)
-    opt._optimizer_step_code()  # where the profiler's Python tracer looks at the optimizer
-    for post_hook in chain(opt._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()):
-        post_hook(opt, args, kwargs)
-    return out
-
-
+@adopt_step_protocols
 class SGD(Optimizer):
     """Stochastic gradient descent with (optionally 8-bit) momentum; exactly torch.optim.SGD's rule.
 
@@ -139,12 +89,10 @@ class SGD(Optimizer):
         )
         validate_group({**defaults, "params": []})
         self._qmaps: dict[torch.device, Tensor] = {}
-        self._step_record: dict[str, bool] = {}
+        self._step_record: dict[str, bool] = {}  # see _torch_private.adopt_step_protocols
         self._plans: dict[int, _GroupPlan] = {}  # by id(param group)
         self._hyper_tensors: dict[tuple[int, str], tuple[float, Tensor]] = {}  # by (id(param group), name)
         super().__init__(params, defaults)
-        # GradScaler: lets scaler.step() hand us grad_scale / found_inf instead of unscaling first.
-        self._step_supports_amp_scaling = True
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -174,9 +122,8 @@ class SGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._step_record["called"] = True  # what an LR scheduler's step wrapper would record (see below)
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
+        record_step_called(self)
+        grad_scale, found_inf = amp_scaling_args(self)
         # every grad is checked before any state is created or any param changes: a bad grad in the last
         # group must not leave earlier groups updated or new zero state behind
         param_groups = self.param_groups  # read once: under torch.compile each read re-walks every group
@@ -341,24 +288,6 @@ class SGD(Optimizer):
             return None
         return list(zip(plan.keys, buckets))
 
-    # Every torch LR scheduler replaces `opt.step` on the instance with a wrapper (to record that step ran)
-    # that dynamo refuses to trace, so `torch.compile(opt.step, fullgraph=True)` and a compiled training
-    # step calling `opt.step()` would fail once a scheduler exists. Schedulers skip the wrapping when step
-    # is marked as already wrapped; step records `_opt_called` itself, so nothing is lost.
-    step._wrapped_by_lr_sched = True
-    if _RecordFunctionFast is not None:
-        step = _profiled_step(step)
-
-    # Read by the schedulers ("lr_scheduler.step() before optimizer.step()" warning). Kept in a dict because
-    # dynamo replays mutations of a dict but drops attribute writes on an optimizer inside a compiled step.
-    @property
-    def _opt_called(self) -> bool:
-        return self._step_record.get("called", False)
-
-    @_opt_called.setter
-    def _opt_called(self, value: bool) -> None:
-        self._step_record["called"] = value
-
     # ---- state dict ----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -387,7 +316,6 @@ class SGD(Optimizer):
         self.__dict__.setdefault("_step_record", {})
         self._plans = {}
         self._hyper_tensors = {}
-        self._step_supports_amp_scaling = True
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
