@@ -1,22 +1,23 @@
 """SGD, SGD8bit and SGD32bit: the bitsandbytes constructors with torch.optim.SGD's exact semantics.
 
-The classes only validate, bucket and call ops: ``step()`` groups the params of each param group by
-(device, dtype, state kind, first step) and makes one fused op call per bucket. Eager steps reuse the
-grouping of the group's last step (a plan, re-checked param by param) instead of redoing it: the Python
-work per param is most of a step's cost for small tensors. All math is in the kernels (csrc/), all
-state-dict conversion in ``_state.py``.
+``step()`` reads as torch.optim.SGD's: for each param group, its params go into buckets (_buckets.py:
+same device, dtype, state kind and first step), and each bucket is one fused op call (ops.py). Which
+state a param gets is _layout.py's rule, user input is checked by _checks.py, state dicts are converted
+by _state.py, and how the step joins torch's hooks, profiler, LR schedulers and GradScaler is in
+_torch_private.py. All math is in the kernels (csrc/).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _state, ops
+from ._buckets import Bucket, GroupPlan, collect_buckets, planned_buckets
 from ._checks import check_grad, read_bnb_args, validate_group
-from ._layout import EIGHT_BIT, FULL, NONE, codebook_copy, init_state, local, uses_momentum
+from ._layout import EIGHT_BIT, codebook_copy, local
 from ._torch_private import adopt_step_protocols, amp_scaling_args, record_step_called
 
 __all__ = ["SGD", "SGD8bit", "SGD32bit"]
@@ -90,7 +91,7 @@ class SGD(Optimizer):
         validate_group({**defaults, "params": []})
         self._qmaps: dict[torch.device, Tensor] = {}
         self._step_record: dict[str, bool] = {}  # see _torch_private.adopt_step_protocols
-        self._plans: dict[int, _GroupPlan] = {}  # by id(param group)
+        self._plans: dict[int, GroupPlan] = {}  # by id(param group)
         self._hyper_tensors: dict[tuple[int, str], tuple[float, Tensor]] = {}  # by (id(param group), name)
         super().__init__(params, defaults)
 
@@ -138,7 +139,7 @@ class SGD(Optimizer):
             self._update_group(group, buckets, grad_scale, found_inf, compiling)
         return loss
 
-    def _update_group(self, group: dict, buckets: Optional[list], grad_scale: Optional[Tensor],
+    def _update_group(self, group: dict, buckets: Optional[list[Bucket]], grad_scale: Optional[Tensor],
                       found_inf: Optional[Tensor], compiling: bool) -> None:
         """One op call per bucket of the group's params: `buckets` from its plan, else collected here."""
         staged: list[tuple[Tensor, Tensor]] = []  # (param, contiguous copy) for non-contiguous params
@@ -149,21 +150,21 @@ class SGD(Optimizer):
         lr = self._hyper_tensor(group, "lr", compiling)
         momentum = self._hyper_tensor(group, "momentum", compiling)
         rounding_seed = group.get("rounding_seed") if group.get("stochastic_rounding") else None
-        for bucket_index, ((_, dtype, kind, first_step), b) in enumerate(buckets):
+        for bucket_index, b in enumerate(buckets):
             # a distinct noise stream per bucket (the kernel's noise is keyed by position in the bucket)
-            seed = rounding_seed + (bucket_index << 32) if rounding_seed is not None and dtype == torch.bfloat16 else None
+            seed = rounding_seed + (bucket_index << 32) if rounding_seed is not None and b.dtype == torch.bfloat16 else None
             common = (lr, momentum, float(group["dampening"]), float(group["weight_decay"]),
-                      bool(group["nesterov"]), bool(group["maximize"]), first_step, grad_scale, found_inf, seed)
+                      bool(group["nesterov"]), bool(group["maximize"]), b.first_step, grad_scale, found_inf, seed)
             # chunked only without a rounding seed: the kernel keys its noise by position in the call
-            n = len(b["params"])
+            n = len(b.params)
             size = _COMPILED_CALL_SIZE if seed is None and compiling else n
             for i in range(0, n, size):
                 j = i + size
-                if kind is EIGHT_BIT:  # counts the steps too (a skipped step does not count, as in torch's fused optimizers)
-                    ops.sgd8bit_update_(b["params"][i:j], b["grads"][i:j], b["codes"][i:j], b["absmax"][i:j], *common,
-                                        steps=b["steps"][i:j])
+                if b.kind is EIGHT_BIT:  # counts the steps too (a skipped step does not count, as in torch's fused optimizers)
+                    ops.sgd8bit_update_(b.params[i:j], b.grads[i:j], b.codes[i:j], b.absmax[i:j], *common,
+                                        steps=b.steps[i:j])
                 else:
-                    ops.sgd_update_(b["params"][i:j], b["grads"][i:j], b["buffers"][i:j], *common)
+                    ops.sgd_update_(b.params[i:j], b.grads[i:j], b.buffers[i:j], *common)
         for p, work in staged:
             local(p).copy_(work)
         if rounding_seed is not None and buckets:
@@ -189,104 +190,20 @@ class SGD(Optimizer):
             cached = self._hyper_tensors[key] = (value, _as_tensor(value))
         return cached[1]
 
-    def _collect_buckets(self, group: dict, staged: list, created: list, plan: bool) -> list:
-        """Sorts the group's params with grads into buckets of one op call each: (key, lists) pairs, key =
-        (device, dtype, state kind, first_step). Creates missing state (listed in `created`)
-        and contiguous copies of non-contiguous params (in `staged`). With `plan`, remembers the split for
-        later steps where it still applies (_planned_buckets)."""
-        momentum = uses_momentum(group["momentum"])
-        buckets: dict[tuple, dict[str, list]] = {}
-        param_keys: list[Optional[tuple]] = []  # per param: its bucket's key, None without a grad
-        plannable = plan
-        # traced param by param under torch.compile: .contiguous() only where it makes a copy
-        for p in group["params"]:
-            grad = p.grad
-            if grad is None:
-                param_keys.append(None)
-                continue
-            kind, first_step, state = NONE, False, None
-            if momentum:  # without momentum there is no state at all, as in torch
-                state = self.state[p]
-                first_step = not state
-                if first_step:
-                    init_state(p, group, state, self._codebook)
-                    created.append(p)
-                kind = EIGHT_BIT if "state1" in state else FULL
-            # complex params go to the op as they are: it updates (real, imag) pairs, like torch; sharded
-            # (FSDP2) params are updated shard by shard, each rank its own, with no communication
-            work, grad = local(p), local(grad)
-            if plannable and (work is not p or type(grad) is not Tensor):
-                plannable = False  # sharded params and tensor-subclass grads take this path every step
-            if not work.is_contiguous():
-                work = work.contiguous()
-                staged.append((p, work))
-            if not grad.is_contiguous():
-                grad = grad.contiguous()
-                plannable = False  # the plan takes grads as they are: it would only fail the next step
-            key = (p.device, work.dtype, kind, first_step)
-            bucket = buckets.get(key)
-            if bucket is None:
-                bucket = buckets[key] = _new_bucket()
-            param_keys.append(key)
-            _add_to_bucket(bucket, kind, work, grad, state)
-        for bucket in buckets.values():  # this rank's shards of DTensor state
-            for name in ("buffers", "codes", "absmax"):
-                bucket[name] = [local(t) for t in bucket[name]]
-        devices = {key[0] for key in param_keys if key is not None}
-        if plannable and not staged and len(devices) == 1:
-            # for the next steps, which are no param's first: (device, dtype, kind, False) buckets
-            later_keys: dict[tuple, int] = {}
-            slots = tuple(-1 if key is None else later_keys.setdefault(key[:3] + (False,), len(later_keys))
-                          for key in param_keys)
-            params = tuple(group["params"])
-            self._plans[id(group)] = _GroupPlan(
-                group, momentum, params, tuple(p for p, key in zip(params, param_keys) if key is not None),
-                devices.pop(), tuple(None if key is None else key[1] for key in param_keys),
-                tuple(_NO_GRAD if key is None else key[2] for key in param_keys), slots, tuple(later_keys))
+    def _collect_buckets(self, group: dict, staged: list, created: list, plan: bool) -> list[Bucket]:
+        """The full pass (_buckets.collect_buckets); with `plan`, keeps the group's plan for later steps
+        where one applies, and drops a stale one otherwise."""
+        buckets, new_plan = collect_buckets(group, self.state, self._codebook, staged, created, make_plan=plan)
+        if new_plan is not None:
+            self._plans[id(group)] = new_plan
         elif plan:
             self._plans.pop(id(group), None)
-        return list(buckets.items())
+        return buckets
 
-    def _planned_buckets(self, group: dict) -> Optional[list]:
-        """The buckets of _collect_buckets from the group's plan, or None where the plan does not apply.
-
-        Every param is checked each step against what the plan assumed (the same param; still without a
-        grad if it had none, else of the same dtype, on the planned device and contiguous, with a plain
-        contiguous grad of its shape, dtype and device, and state of the planned kind), and the state is
-        read afresh: edits of the group, of ``opt.state`` or of a param's state dict between steps, and bad
-        grads (which _check_grad then reports), fall back to the full path. Shapes, devices and contiguity
-        are checked by one C++ call for all params (ops.grads_fit): asked per param in Python, they were a
-        third of a step's Python work.
-        """
+    def _planned_buckets(self, group: dict) -> Optional[list[Bucket]]:
+        """The group's buckets from its plan, or None where there is none or it does not apply."""
         plan = self._plans.get(id(group))
-        params = group["params"]
-        if (plan is None or plan.group is not group or plan.uses_momentum != uses_momentum(group["momentum"])
-                or len(params) != len(plan.params)):
-            return None
-        buckets = [_new_bucket() for _ in plan.keys]
-        grads = []
-        state = self.state
-        for p, planned, dtype, kind, slot in zip(params, plan.params, plan.dtypes, plan.kinds, plan.slots):
-            if p is not planned:
-                return None
-            grad = p.grad
-            if kind is _NO_GRAD:  # a param without grad (frozen, say) must still have none
-                if grad is not None:
-                    return None
-                continue
-            if grad is None or type(grad) is not Tensor or p.dtype is not dtype:
-                return None
-            param_state = state.get(p) if kind is not NONE else None
-            if kind is not NONE and (not param_state or ("state1" in param_state) != (kind is EIGHT_BIT)):
-                return None  # no state (a first step) or state of the other kind
-            grads.append(grad)
-            _add_to_bucket(buckets[slot], kind, p, grad, param_state)  # plans hold no DTensors
-        # the params with grads are the plan's (each was checked to be its planned param); all on the device
-        # of the first, which must be the plan's
-        updated = plan.updated
-        if updated[0].device != plan.device or not ops.grads_fit(updated, grads):
-            return None
-        return list(zip(plan.keys, buckets))
+        return None if plan is None else planned_buckets(plan, group, self.state)
 
     # ---- state dict ----------------------------------------------------------------------------------
 
@@ -320,43 +237,6 @@ class SGD(Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
             _ensure_rounding_seed(group)
-
-
-class _GroupPlan(NamedTuple):
-    """How a param group's last step was split into op calls (see SGD._planned_buckets): the params that
-    had grads (`updated`) and their device, and per param its dtype, state kind (_NO_GRAD: it had no grad)
-    and bucket (-1 without grad); holds no state tensors, which are read afresh every step. Groups whose
-    params span devices, or none of whose params have a grad, get no plan."""
-    group: dict
-    uses_momentum: bool
-    params: tuple[Tensor, ...]
-    updated: tuple[Tensor, ...]
-    device: torch.device
-    dtypes: tuple[Optional[torch.dtype], ...]
-    kinds: tuple[str, ...]
-    slots: tuple[int, ...]
-    keys: tuple[tuple, ...]
-
-
-_NO_GRAD = "no grad"  # a plan's state kind for a param that had no grad (compared by identity)
-
-
-def _new_bucket() -> dict[str, list]:
-    return {"params": [], "grads": [], "buffers": [], "codes": [], "absmax": [], "steps": []}
-
-
-def _add_to_bucket(bucket: dict[str, list], kind: str, work: Tensor, grad: Tensor, state: Optional[dict]) -> None:
-    """One param's tensors for its op call: the (local) param and grad, and its state by kind (FULL: the
-    momentum buffer; EIGHT_BIT: codes, absmax and the step counter; NONE: nothing), as they are in `state`
-    (DTensors too: the full pass takes their local shards afterwards, for all params at once)."""
-    bucket["params"].append(work)
-    bucket["grads"].append(grad)
-    if kind is FULL:
-        bucket["buffers"].append(state["momentum_buffer"])
-    elif kind is EIGHT_BIT:
-        bucket["codes"].append(state["state1"])
-        bucket["absmax"].append(state["absmax1"])
-        bucket["steps"].append(state["step"])
 
 
 class SGD8bit(SGD):
