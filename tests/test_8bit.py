@@ -20,8 +20,9 @@ import torch
 
 import torchsgd8
 from torchsgd8 import ops
-from torchsgd8.quantization import (BLOCK_SIZE, ZERO_CODE, absmax_per_element, nearest_code_reference,
-                                    signed_dynamic_map)
+from torchsgd8.quantization import BLOCK_SIZE, ZERO_CODE, absmax_per_element, signed_dynamic_map
+
+from quant_reference import nearest_code_reference
 
 QMAP = signed_dynamic_map()
 QMAP64 = QMAP.to(torch.float64)

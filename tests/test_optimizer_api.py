@@ -5,6 +5,7 @@ import copy
 import io
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -374,6 +375,38 @@ def test_module_main_prints_versions_ops_and_isa():
     assert torchsgd8._C.cpu_isa() in out
     assert f"prefetch {'on' if torchsgd8._C.cpu_prefetch() else 'off'}" in out
     assert f"AVX2 gathers {'on' if torchsgd8._C.cpu_gather() else 'off'}" in out
+
+
+# ---- without numpy (torch does not need it, and torchsgd8 does not declare it) -------------------------
+
+
+def _steps_and_conversions() -> dict:
+    """Three SGD8bit steps (8-bit state in both block layouts and full precision), then the state dict
+    converted to full precision and back to 8 bits by load_state_dict."""
+    gen = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(s, generator=gen)) for s in ((20, 300), (5000,), (7,))]
+    opt = torchsgd8.SGD8bit(params, lr=0.1, momentum=0.9, min_8bit_size=1000)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    full = torchsgd8.SGD32bit(params, lr=0.1, momentum=0.9)
+    full.load_state_dict(opt.state_dict())
+    opt.load_state_dict(full.state_dict())
+    return {"params": params, "8bit": opt.state_dict(), "full": full.state_dict()}
+
+
+def test_import_and_steps_work_without_numpy(tmp_path):
+    code = ("import sys; sys.modules['numpy'] = None; "  # `import numpy` raises ImportError, as if not installed
+            "sys.path.insert(0, sys.argv[1]); import torch, test_optimizer_api as t; "
+            "torch.save(t._steps_and_conversions(), sys.argv[2]); "
+            "assert sys.modules['numpy'] is None")
+    out = tmp_path / "result.pt"
+    proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    without, with_numpy = torch.load(out), _steps_and_conversions()
+    torch.testing.assert_close(without, with_numpy, rtol=0, atol=0)
 
 
 # ---- step hooks and the profiler range (our step wrapper stands in for Optimizer's) -------------------
