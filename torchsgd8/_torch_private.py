@@ -14,9 +14,9 @@ what torchsgd8 relies on, all of it below:
 * ``_wrapped_by_lr_sched`` on ``step`` and the ``_opt_called`` attribute (torch.optim.lr_scheduler);
 * ``_step_supports_amp_scaling`` and the ``grad_scale`` / ``found_inf`` attributes (torch.amp.GradScaler).
 
-Checked against torch 2.13.0 (the names are older: the newest of them, ``_RecordFunctionFast`` and
-``_wrapped_by_lr_sched``, came in torch 2.2). Without the hook and profiler names the step falls back to
-Optimizer's own wrapper (slower, same behaviour). tests/test_torch_private.py fails naming what changed.
+Checked against torch 2.13.0. Without one of the names the step wrapper uses (FAST_STEP_WRAPPER), the step
+falls back to Optimizer's own wrapper: slower, the same behaviour. tests/test_torch_private.py checks every
+name against the torch it runs with and fails naming what changed.
 """
 from __future__ import annotations
 
