@@ -32,6 +32,7 @@ class _Probe(Optimizer):
 @pytest.mark.parametrize("module, name", [
     ("torch._C._profiler", "_RecordFunctionFast"),
     ("torch._C", "_set_grad_enabled"),
+    ("torch._C", "_dispatch_get_all_op_names"),
     ("torch.optim.optimizer", "_global_optimizer_pre_hooks"),
     ("torch.optim.optimizer", "_global_optimizer_post_hooks"),
 ])
@@ -59,6 +60,13 @@ def test_set_grad_enabled_switches_grad_mode():
         assert torch.is_grad_enabled() is (not before), CHANGED.format(what="torch._C._set_grad_enabled")
     finally:
         torch._C._set_grad_enabled(before)
+
+
+def test_dispatcher_lists_our_ops():
+    names = _torch_private.registered_op_names("torchsgd8")
+    assert "torchsgd8::sgd_update_" in names and "torchsgd8::quantize_blockwise" in names, \
+        CHANGED.format(what=f"torch._C._dispatch_get_all_op_names: our ops are not among its names ({names})")
+    assert all(name.startswith("torchsgd8::") for name in names)
 
 
 def test_hook_registries_are_the_dicts_register_fills():

@@ -12,7 +12,9 @@ what torchsgd8 relies on, all of it below:
 * ``torch._C._profiler._RecordFunctionFast`` (the profiler range, opened in C++) and
   ``torch._C._set_grad_enabled`` (grad mode without torch.no_grad's Python context manager);
 * ``_wrapped_by_lr_sched`` on ``step`` and the ``_opt_called`` attribute (torch.optim.lr_scheduler);
-* ``_step_supports_amp_scaling`` and the ``grad_scale`` / ``found_inf`` attributes (torch.amp.GradScaler).
+* ``_step_supports_amp_scaling`` and the ``grad_scale`` / ``found_inf`` attributes (torch.amp.GradScaler);
+* ``torch._C._dispatch_get_all_op_names`` (the dispatcher's list of registered ops, for
+  ``python -m torchsgd8``).
 
 Checked against torch 2.13.0. Without one of the names the step wrapper uses (FAST_STEP_WRAPPER), the step
 falls back to Optimizer's own wrapper: slower, the same behaviour. tests/test_torch_private.py checks every
@@ -79,6 +81,12 @@ def _write_step_called(opt: Optimizer, value: bool) -> None:
 def amp_scaling_args(opt: Optimizer) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """(grad_scale, found_inf) set on `opt` by GradScaler.step for the duration of the step, else Nones."""
     return getattr(opt, "grad_scale", None), getattr(opt, "found_inf", None)
+
+
+def registered_op_names(namespace: str) -> list[str]:
+    """The names ("<namespace>::<op>") of every op registered in `namespace`, sorted. torch has no public
+    listing of a library's ops."""
+    return sorted(name for name in torch._C._dispatch_get_all_op_names() if name.startswith(f"{namespace}::"))
 
 
 def _profiled_step(step: Callable) -> Callable:
