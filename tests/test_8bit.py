@@ -20,8 +20,10 @@ import torch
 
 import torchsgd8
 from torchsgd8 import ops
-from torchsgd8.quantization import (BLOCK_SIZE, ZERO_CODE, absmax_per_element, nearest_code_reference,
-                                    signed_dynamic_map)
+from torchsgd8.quantization import BLOCK_SIZE, ZERO_CODE, absmax_per_element, signed_dynamic_map
+
+from helpers import set_same_grads
+from quant_reference import nearest_code_reference
 
 QMAP = signed_dynamic_map()
 QMAP64 = QMAP.to(torch.float64)
@@ -335,9 +337,7 @@ def test_small_params_keep_momentum_buffer_and_match_torch(gen):
     opt = torchsgd8.SGD8bit(ours, lr=0.05, momentum=0.9, weight_decay=0.01, nesterov=True)
     ref = torch.optim.SGD(theirs, lr=0.05, momentum=0.9, weight_decay=0.01, nesterov=True)
     for _ in range(20):
-        for a, b in zip(ours, theirs):
-            a.grad = torch.randn(a.shape, generator=gen)
-            b.grad = a.grad.clone()
+        set_same_grads([ours, theirs], gen)
         opt.step()
         ref.step()
     for a, b in zip(ours, theirs):
@@ -530,6 +530,17 @@ def _run(opt, params, grads):
         opt.step()
 
 
+def _trained(params, grads, state_dict=None):
+    """A copy of `params` and a _make_opt optimizer over it that loaded `state_dict` (if given), then ran
+    _run with `grads`."""
+    copy = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = _make_opt(copy)
+    if state_dict is not None:
+        opt.load_state_dict(state_dict)
+    _run(opt, copy, grads)
+    return copy, opt
+
+
 def _state_tensors(opt) -> dict:
     """Every tensor of state_dict(), cloned, keyed by (param index, key)."""
     sd = opt.state_dict()
@@ -540,13 +551,8 @@ def test_state_dict_round_trip_through_torch_save_continues_bit_identically(gen)
     params = _make_model(gen)
     grads = [[torch.randn(p.shape, generator=gen) for p in params] for _ in range(40)]
 
-    whole = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    whole_opt = _make_opt(whole)
-    _run(whole_opt, whole, grads)
-
-    first = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    first_opt = _make_opt(first)
-    _run(first_opt, first, grads[:15])
+    whole, whole_opt = _trained(params, grads)
+    first, first_opt = _trained(params, grads[:15])
     sd = first_opt.state_dict()
     assert sd["torchsgd8_format_version"] == 2
     assert set(sd["state"][0]) == {"step", "state1", "absmax1", "qmap1"}
@@ -556,11 +562,8 @@ def test_state_dict_round_trip_through_torch_save_continues_bit_identically(gen)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=True)
 
-    resumed = [torch.nn.Parameter(p.clone()) for p in loaded["params"]]
-    resumed_opt = _make_opt(resumed)
-    resumed_opt.load_state_dict(loaded["optimizer"])
+    resumed, resumed_opt = _trained(loaded["params"], grads[15:], loaded["optimizer"])
     assert resumed_opt.param_groups[0]["nesterov"] is True and resumed_opt.param_groups[1]["lr"] == 0.02
-    _run(resumed_opt, resumed, grads[15:])
 
     for a, b in zip(whole, resumed):
         assert torch.equal(bits(a), bits(b))
@@ -576,9 +579,7 @@ def test_loaded_state_does_not_alias_the_state_dict(gen):
     opt = _make_opt(params)
     _run(opt, params, [[torch.randn(p.shape, generator=gen) for p in params]])
     sd = opt.state_dict()
-    copy = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    other = _make_opt(copy)
-    other.load_state_dict(sd)
+    _, other = _trained(params, [], sd)
     before = _state_tensors(other)
     _run(opt, params, [[torch.randn(p.shape, generator=gen) for p in params]])  # mutates sd's tensors
     after = _state_tensors(other)
@@ -592,19 +593,11 @@ def test_param_without_state_gets_state_after_loading(gen):
     params = _make_model(gen)
     grads = [[torch.randn(p.shape, generator=gen) if (t >= 3 or i != 1) else None for i, p in enumerate(params)]
              for t in range(6)]
-    whole = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    whole_opt = _make_opt(whole)
-    _run(whole_opt, whole, grads)
-
-    first = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    first_opt = _make_opt(first)
-    _run(first_opt, first, grads[:2])
+    whole, _ = _trained(params, grads)
+    first, first_opt = _trained(params, grads[:2])
     sd = first_opt.state_dict()
     assert 1 not in sd["state"]
-    resumed = [torch.nn.Parameter(p.detach().clone()) for p in first]
-    resumed_opt = _make_opt(resumed)
-    resumed_opt.load_state_dict(sd)
-    _run(resumed_opt, resumed, grads[2:])
+    resumed, _ = _trained(first, grads[2:], sd)
     for a, b in zip(whole, resumed):
         assert torch.equal(bits(a), bits(b))
 

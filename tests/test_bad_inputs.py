@@ -20,63 +20,17 @@ from torch import nn
 import torchsgd8
 from torchsgd8._state import FORMAT_KEY, StateDictError
 
+from helpers import assert_snapshot_unchanged, optimizer_snapshot, raw_bytes
+
 # ---- helpers ----------------------------------------------------------------------------------------------
-
-
-def raw(t: torch.Tensor) -> torch.Tensor:
-    """The bytes of a tensor (complex as its real view; 0-dim as 1-D)."""
-    t = t.detach()
-    if t.is_complex():
-        t = torch.view_as_real(t)
-    if t.device.type == "meta":
-        return torch.tensor(list(t.shape) + [-1])
-    return t.contiguous().reshape(-1).view(torch.uint8).clone()
-
-
-def snapshot(opt, params) -> dict:
-    """Params, per-param state and param groups, as bytes and reprs."""
-    index = {p: i for i, p in enumerate(params)}
-
-    def value(v):
-        if isinstance(v, torch.Tensor):
-            return ("tensor", v.dtype, tuple(v.shape), str(v.device), raw(v))
-        if isinstance(v, list) and v and all(isinstance(p, torch.Tensor) for p in v):
-            return ("params", [index.get(p, id(p)) for p in v])
-        return ("value", repr(v))
-
-    return {
-        "params": [value(p) for p in params],
-        "state": {index.get(p, id(p)): {k: value(v) for k, v in s.items()} for p, s in opt.state.items()},
-        "groups": [{k: value(v) for k, v in g.items()} for g in opt.param_groups],
-    }
-
-
-def assert_unchanged(before: dict, after: dict) -> None:
-    def same(x, y):
-        if isinstance(x, torch.Tensor):
-            return isinstance(y, torch.Tensor) and x.shape == y.shape and torch.equal(x, y)
-        if isinstance(x, (list, tuple)):
-            return type(x) is type(y) and len(x) == len(y) and all(same(a, b) for a, b in zip(x, y))
-        if isinstance(x, dict):
-            return isinstance(y, dict) and x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
-        return x == y
-
-    assert same(before["params"], after["params"]), "the failed call changed the params"
-    assert same(before["state"], after["state"]), (
-        f"the failed call changed the optimizer state: params with state before {sorted(before['state'])}, "
-        f"after {sorted(after['state'])}; changed: "
-        f"{[i for i in after['state'] if not same(before['state'].get(i), after['state'][i])]}")
-    assert same(before["groups"], after["groups"]), (
-        f"the failed call changed the param groups: {len(before['groups'])} groups before, "
-        f"{len(after['groups'])} after")
 
 
 def fail_cleanly(opt, params, call, exc_type, match):
     """call() must raise exc_type matching `match` and leave params / state / groups as they were."""
-    before = snapshot(opt, params)
+    before = optimizer_snapshot(opt, params)
     with pytest.raises(exc_type, match=match):
         call()
-    assert_unchanged(before, snapshot(opt, params))
+    assert_snapshot_unchanged(before, optimizer_snapshot(opt, params))
 
 
 def seeded(seed=0):
@@ -402,10 +356,10 @@ def test_bad_hyperparameter_at_construction(name, value, exc, match):
     kwargs = dict(lr=0.1, momentum=0.9)
     kwargs[name] = value
     p = nn.Parameter(torch.ones(3))
-    before = raw(p)
+    before = raw_bytes(p)
     with pytest.raises(exc, match=match):
         torchsgd8.SGD([p], **kwargs)
-    assert torch.equal(raw(p), before)
+    assert raw_bytes(p) == before
 
 
 ADD_GROUP_CASES = [BAD_HYPER[0], BAD_HYPER[4], BAD_HYPER[10], BAD_HYPER[19]]

@@ -23,6 +23,8 @@ from torch._dynamo.utils import counters
 import torchsgd8
 from torchsgd8.quantization import signed_dynamic_map
 
+from helpers import training_step
+
 BACKENDS = ["aot_eager", "inductor"]
 
 # min_8bit_size=64: both weights (512 and 256 elements) and the 64-element bias get 8-bit state, the
@@ -274,17 +276,8 @@ def test_torch_optim_sgd_step_graph_breaks_under_fullgraph(impl):
 
 def whole_step_training(backend, kind, steps=STEPS):
     model = make_model()
-    params = list(model.parameters())
-    opt = make_opt(kind, params)
-
-    def train_step(x, y):
-        loss = F.mse_loss(model(x), y)
-        grads = torch.autograd.grad(loss, params)
-        for p, g in zip(params, grads):
-            p.grad = g
-        opt.step()
-        return loss.detach()
-
+    opt = make_opt(kind, list(model.parameters()))
+    train_step = training_step(model, opt, F.mse_loss)
     cnt = None
     if backend is not None:
         cnt = CompileCounterWithBackend(backend)

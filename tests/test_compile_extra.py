@@ -7,6 +7,8 @@ from torch._dynamo.testing import CompileCounter
 import torchsgd8
 from torchsgd8 import ops
 
+from helpers import training_step
+
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
@@ -34,14 +36,7 @@ def test_whole_training_step_under_one_cycle_lr_compiles_at_most_twice(optim_bit
         opt = torchsgd8.SGD(params, lr=torch.tensor(0.01), momentum=momentum.clone() if isinstance(momentum, torch.Tensor) else momentum,
                             optim_bits=optim_bits, min_8bit_size=1000)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=120, cycle_momentum=True)
-
-        def step(x, y):
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            for p, g in zip(params, torch.autograd.grad(loss, params)):
-                p.grad = g
-            opt.step()
-            return loss.detach()
-
+        step = training_step(model, opt, torch.nn.functional.mse_loss)
         counter = CompileCounter()
         run = torch.compile(step, backend=counter, fullgraph=True) if compiled else step
         gen = torch.Generator().manual_seed(1)

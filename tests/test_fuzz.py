@@ -40,9 +40,11 @@ from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
 import torchsgd8
+from torchsgd8._layout import MIN_ROW_LENGTH
 from torchsgd8._state import FORMAT_KEY, StateDictError
-from torchsgd8.optim import MIN_ROW_LENGTH
 from torchsgd8.quantization import BLOCK_SIZE, absmax_per_element, signed_dynamic_map
+
+from helpers import assert_snapshot_unchanged, optimizer_snapshot
 
 QMAP64 = signed_dynamic_map().to(torch.float64)
 Q_REL = max(((QMAP64[1:] - QMAP64[:-1]) / 2).max().item(), 1 + QMAP64[0].item())
@@ -307,41 +309,6 @@ FUZZ_PARAMS = [((300,), torch.float32), ((5,), torch.float32), ((), torch.float3
                ((257,), torch.float16), ((4,), torch.float64)]
 
 
-def raw(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach()
-    if t.is_complex():
-        t = torch.view_as_real(t)
-    return t.contiguous().reshape(-1).view(torch.uint8).clone()
-
-
-def snapshot(opt) -> tuple:
-    """Everything load_state_dict could change, as bytes / reprs."""
-    params = [p for g in opt.param_groups for p in g["params"]]
-    index = {p: i for i, p in enumerate(params)}
-    state = {}
-    for p, s in opt.state.items():
-        state[index[p]] = {k: (v.dtype, tuple(v.shape), raw(v)) if isinstance(v, torch.Tensor) else repr(v)
-                           for k, v in s.items()}
-    groups = [{k: ((v.dtype, raw(v)) if isinstance(v, torch.Tensor)
-                   else [index[p] for p in v] if k == "params" else repr(v))
-               for k, v in g.items()} for g in opt.param_groups]
-    return [(p.dtype, tuple(p.shape), raw(p)) for p in params], state, groups
-
-
-def assert_same_snapshot(a, b) -> None:
-    def same(x, y):
-        if isinstance(x, torch.Tensor):
-            return isinstance(y, torch.Tensor) and x.shape == y.shape and torch.equal(x, y)
-        if isinstance(x, (list, tuple)):
-            return type(x) is type(y) and len(x) == len(y) and all(same(i, j) for i, j in zip(x, y))
-        if isinstance(x, dict):
-            return isinstance(y, dict) and x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
-        return x == y
-    assert same(a[0], b[0]), "params changed by a failed load_state_dict"
-    assert same(a[1], b[1]), "optimizer state changed by a failed load_state_dict"
-    assert same(a[2], b[2]), "param groups changed by a failed load_state_dict"
-
-
 def build_optimizer(config: dict, gen: torch.Generator, params=None):
     if params is None:
         params = [torch.randn(shape, generator=gen, dtype=dtype).requires_grad_()
@@ -525,18 +492,18 @@ def test_load_state_dict_loads_or_raises_cleanly_and_leaves_optimizer_untouched(
     # the target has state of its own (one step with other gradients), which a failed load must keep
     target, _ = build_optimizer(config, gen, params=params)
     take_steps(target, params, 1, gen)
-    before = snapshot(target)
+    before = optimizer_snapshot(target)
     try:
         target.load_state_dict(sd)
     except StateDictError:
-        assert_same_snapshot(before, snapshot(target))
+        assert_snapshot_unchanged(before, optimizer_snapshot(target))
         return
     except (ValueError, TypeError) as e:
         assert CLEAR_MESSAGE.search(str(e)), f"{mutations}: unclear {type(e).__name__}: {e}"
-        assert_same_snapshot(before, snapshot(target))
+        assert_snapshot_unchanged(before, optimizer_snapshot(target))
         return
     except Exception as e:  # noqa: BLE001 -- the property under test
-        assert_same_snapshot(before, snapshot(target))
+        assert_snapshot_unchanged(before, optimizer_snapshot(target))
         pytest.fail(f"{mutations}: load_state_dict raised {type(e).__name__}: {e}")
     # loaded: the hyperparameters are the saved ones, and a step works
     for g, saved in zip(target.param_groups, sd["param_groups"]):

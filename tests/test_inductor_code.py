@@ -9,6 +9,8 @@ from torch.testing import FileCheck
 
 import torchsgd8
 
+from helpers import training_step
+
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
@@ -24,15 +26,7 @@ def test_whole_step_calls_ops_in_place_without_copies(optim_bits):
     model = torch.nn.Sequential(torch.nn.Linear(64, 300), torch.nn.ReLU(), torch.nn.Linear(300, 10))
     params = list(model.parameters())
     opt = torchsgd8.SGD(params, lr=torch.tensor(0.05), momentum=0.9, optim_bits=optim_bits, min_8bit_size=1000)
-
-    def train_step(x, y):
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        for p, g in zip(params, torch.autograd.grad(loss, params)):
-            p.grad = g
-        opt.step()
-        return loss.detach()
-
-    step = torch.compile(train_step, fullgraph=True)
+    step = torch.compile(training_step(model, opt, torch.nn.functional.cross_entropy), fullgraph=True)
     x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
     step(x, y)  # warm-up: the first step creates the optimizer state
     before = [p.detach().clone() for p in params]

@@ -24,6 +24,8 @@ import torchsgd8
 from torchsgd8 import ops
 from torchsgd8.quantization import ZERO_CODE
 
+from helpers import set_same_grads
+
 INIT_SCALE = 2.0**10
 BF16_ULP_1_2 = 2.0**-7  # spacing of bf16 numbers in [1, 2)
 
@@ -705,9 +707,7 @@ def test_low_precision_params_follow_fp32_math_reference_exactly(dtype, hyper, g
     refs = [p.clone().requires_grad_() for p in init]
     opt, ref = torchsgd8.SGD32bit(ps, **hyper), _Fp32MathSGD(refs, **hyper)
     for _ in range(8):
-        for p, r in zip(ps, refs):
-            g = torch.randn(p.shape, generator=gen).to(dtype)
-            p.grad, r.grad = g.clone(), g.clone()
+        set_same_grads([ps, refs], gen)
         opt.step()
         ref.step()
         for p, r in zip(ps, refs):
@@ -723,9 +723,7 @@ def test_low_precision_params_follow_fp32_math_reference_exactly(dtype, hyper, g
         rn = [p.clone().requires_grad_() for p in init]
         ours = torchsgd8.SGD32bit(rn, **hyper)
         for _ in range(8):
-            for p, r in zip(low, rn):
-                g = torch.randn(p.shape, generator=gen2).to(dtype)
-                p.grad, r.grad = g.clone(), g.clone()
+            set_same_grads([low, rn], gen2)
             torch_low.step()
             ours.step()
         assert not all(_same_bits(p, r) for p, r in zip(low, rn)), "expected per-op rounding to differ"

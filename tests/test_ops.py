@@ -37,6 +37,9 @@ def _sgd8_args(gen, dtype=torch.float32, first_step=False, sizes=SIZES, nesterov
             first_step]
 
 
+# the update ops by name: (argument builder, op, number of state lists after params and grads)
+UPDATE_OPS = {"sgd_update_": (_sgd_args, ops.sgd_update_, 1), "sgd8bit_update_": (_sgd8_args, ops.sgd8bit_update_, 2)}
+
 AMP = {
     "no-amp": {},
     "scale": dict(grad_scale=torch.tensor(4.0), found_inf=torch.tensor(0.0)),
@@ -71,6 +74,14 @@ def _assert_unchanged(args, snap):
                 assert _same_bits(x, y)
         else:
             assert _same_bits(now, before)
+
+
+def _assert_empty_state(args, state_lists):
+    """The state lists hold empty momentum: zero buffers; or codes of 0.0 with zero absmax."""
+    if state_lists == 1:
+        assert all(bool((b == 0).all()) for b in args[2])
+    else:
+        assert all(bool((c == ZERO_CODE).all()) for c in args[2]) and all(bool((a == 0).all()) for a in args[3])
 
 
 def _dtype_id(dt):
@@ -241,34 +252,28 @@ def test_sgd8bit_update_with_and_without_step_counters_is_bitwise_the_same(gen):
 # ---- bad arguments: RuntimeError with a helpful message, nothing changed -----------------------------------
 
 
-def _bad_sgd_cases():
-    """(id, mutate(args), message regex); the offending tensor is the last of three, so a partial update
+def _bad_update_cases():
+    """(op, id, mutate(args), message regex); the offending tensor is the last of three, so a partial update
     of the first ones would show."""
-    def grads_short(a):
-        a[1].pop()
+    def shorten(index):
+        def mutate(a):
+            a[index].pop()
+        return mutate
 
-    def bufs_short(a):
-        a[2].pop()
+    def replace_last(index, make):
+        def mutate(a):
+            a[index][2] = make(a[index][2])
+        return mutate
 
-    def grad_shape(a):
-        a[1][2] = torch.randn(999)
-
-    def grad_dtype(a):
-        a[1][2] = a[1][2].double()
+    def two_elements(index):  # a hyperparameter tensor of 2 elements
+        def mutate(a):
+            a[index] = torch.tensor([0.1, 0.2], dtype=torch.float64)
+        return mutate
 
     def noncontig_param(a):
         a[0][2] = torch.randn(40, 25).t()
         a[1][2] = torch.randn(25, 40)
         a[2][2] = torch.randn(25, 40)
-
-    def noncontig_grad(a):
-        a[1][2] = torch.randn(2000)[::2]
-
-    def buf_dtype(a):
-        a[2][2] = a[2][2].double()
-
-    def buf_shape(a):
-        a[2][2] = torch.randn(10, 100)
 
     def int_param(a):
         a[0][2] = torch.zeros(1000, dtype=torch.int32)
@@ -278,93 +283,57 @@ def _bad_sgd_cases():
         for i in range(3):
             a[i][2] = a[i][2].double()
 
-    def lr_two(a):
-        a[3] = torch.tensor([0.1, 0.2], dtype=torch.float64)
-
-    def momentum_two(a):
-        a[4] = torch.tensor([0.9, 0.9], dtype=torch.float64)
-
-    return [
-        ("grads-short", grads_short, r"3 params but 2 grads"),
-        ("buffers-short", bufs_short, r"3 params but 2 momentum_buffers"),
-        ("grad-shape", grad_shape, r"grad 2 .*must match its param"),
-        ("grad-dtype", grad_dtype, r"grad 2 .*must match its param"),
-        ("noncontig-param", noncontig_param, r"param 2 is not contiguous"),
-        ("noncontig-grad", noncontig_grad, r"grad 2 is not contiguous"),
-        ("buffer-dtype", buf_dtype, r"momentum_buffers\[2\] must have its param's dtype"),
-        ("buffer-shape", buf_shape, r"momentum_buffers\[2\] must be contiguous with its param's shape"),
-        ("int-param", int_param, r"params must be float32, float64, bfloat16, float16 or complex; param 2"),
-        ("mixed-dtype", mixed_dtype, r"share device and dtype; param 2"),
-        ("lr-2-elements", lr_two, r"lr must be a 1-element tensor"),
-        ("momentum-2-elements", momentum_two, r"momentum must be a 1-element tensor"),
-    ]
-
-
-@pytest.mark.parametrize("name,mutate,message", _bad_sgd_cases(), ids=[c[0] for c in _bad_sgd_cases()])
-def test_sgd_update_rejects_bad_arguments(name, mutate, message, gen):
-    args = _sgd_args(gen)
-    mutate(args)
-    snap = _snapshot(args)
-    with pytest.raises(RuntimeError, match=message):
-        ops.sgd_update_(*args)
-    _assert_unchanged(args, snap)
-
-
-def _bad_sgd8_cases():
-    def codes_dtype(a):
-        a[2][2] = a[2][2].to(torch.int8)
-
-    def codes_float(a):
-        a[2][2] = a[2][2].float()
-
-    def codes_shape(a):
-        a[2][2] = a[2][2].reshape(10, 100)
-
-    def absmax_len(a):
-        a[3][2] = torch.ones(3)
-
-    def absmax_dtype(a):
-        a[3][2] = a[3][2].double()
-
-    def absmax_short(a):
-        a[3].pop()
-
-    def codes_short(a):
-        a[2].pop()
-
     def fp64(a):
         a[0] = [p.double() for p in a[0]]
         a[1] = [g.double() for g in a[1]]
 
-    def lr_two(a):
-        a[4] = torch.tensor([0.1, 0.2], dtype=torch.float64)
-
-    def grad_shape(a):
-        a[1][2] = torch.randn(999)
-
-    return [
-        ("codes-int8", codes_dtype, r"codes\[2\] must be uint8"),
-        ("codes-float", codes_float, r"codes\[2\] must be uint8"),
-        ("codes-shape", codes_shape, r"codes\[2\] must be contiguous with its param's shape"),
-        ("absmax-length", absmax_len,
+    grad_shape = replace_last(1, lambda g: torch.randn(999))
+    sgd = [
+        ("grads-short", shorten(1), r"3 params but 2 grads"),
+        ("buffers-short", shorten(2), r"3 params but 2 momentum_buffers"),
+        ("grad-shape", grad_shape, r"grad 2 .*must match its param"),
+        ("grad-dtype", replace_last(1, lambda g: g.double()), r"grad 2 .*must match its param"),
+        ("noncontig-param", noncontig_param, r"param 2 is not contiguous"),
+        ("noncontig-grad", replace_last(1, lambda g: torch.randn(2000)[::2]), r"grad 2 is not contiguous"),
+        ("buffer-dtype", replace_last(2, lambda b: b.double()), r"momentum_buffers\[2\] must have its param's dtype"),
+        ("buffer-shape", replace_last(2, lambda b: torch.randn(10, 100)),
+         r"momentum_buffers\[2\] must be contiguous with its param's shape"),
+        ("int-param", int_param, r"params must be float32, float64, bfloat16, float16 or complex; param 2"),
+        ("mixed-dtype", mixed_dtype, r"share device and dtype; param 2"),
+        ("lr-2-elements", two_elements(3), r"lr must be a 1-element tensor"),
+        ("momentum-2-elements", two_elements(4), r"momentum must be a 1-element tensor"),
+    ]
+    sgd8 = [
+        ("codes-int8", replace_last(2, lambda c: c.to(torch.int8)), r"codes\[2\] must be uint8"),
+        ("codes-float", replace_last(2, lambda c: c.float()), r"codes\[2\] must be uint8"),
+        ("codes-shape", replace_last(2, lambda c: c.reshape(10, 100)),
+         r"codes\[2\] must be contiguous with its param's shape"),
+        ("absmax-length", replace_last(3, lambda a: torch.ones(3)),
          r"absmax\[2\] must hold one float32 per 256-element block of its 1000 codes \(shape \[1000\]\): "
          r"shape \[4\] \(flat\); got shape \[3\]"),
-        ("absmax-dtype", absmax_dtype, r"absmax\[2\] must be a contiguous float32 tensor on cpu; got Double"),
-        ("absmax-list-short", absmax_short, r"3 params but 2 absmax"),
-        ("codes-list-short", codes_short, r"3 params but 2 codes"),
+        ("absmax-dtype", replace_last(3, lambda a: a.double()),
+         r"absmax\[2\] must be a contiguous float32 tensor on cpu; got Double"),
+        ("absmax-list-short", shorten(3), r"3 params but 2 absmax"),
+        ("codes-list-short", shorten(2), r"3 params but 2 codes"),
         ("float64-param", fp64, r"8-bit state is for float32/bfloat16/float16 params"),
-        ("lr-2-elements", lr_two, r"lr must be a 1-element tensor"),
+        ("lr-2-elements", two_elements(4), r"lr must be a 1-element tensor"),
         ("grad-shape", grad_shape, r"grad 2 .*must match its param"),
     ]
+    return [("sgd_update_", *case) for case in sgd] + [("sgd8bit_update_", *case) for case in sgd8]
 
 
-@pytest.mark.parametrize("name,mutate,message", _bad_sgd8_cases(), ids=[c[0] for c in _bad_sgd8_cases()])
-def test_sgd8bit_update_rejects_bad_arguments(name, mutate, message, gen):
-    args = _sgd8_args(gen)
+BAD_UPDATE_CASES = _bad_update_cases()
+
+
+@pytest.mark.parametrize("which,name,mutate,message", BAD_UPDATE_CASES,
+                         ids=[f"{c[0]}-{c[1]}" for c in BAD_UPDATE_CASES])
+def test_update_ops_reject_bad_arguments(which, name, mutate, message, gen):
+    make_args, op, _ = UPDATE_OPS[which]
+    args = make_args(gen)
     mutate(args)
     snap = _snapshot(args)
     with pytest.raises(RuntimeError, match=message):
-        ops.sgd8bit_update_(*args)
+        op(*args)
     _assert_unchanged(args, snap)
 
 
@@ -414,11 +383,10 @@ def test_quantize_dequantize_reject_bad_arguments(gen):
 @pytest.mark.parametrize("first_step", [False, True])
 @pytest.mark.parametrize("which", ["sgd_update_", "sgd8bit_update_"])
 def test_found_inf_leaves_everything_untouched(which, first_step, gen):
-    make, op = (_sgd_args, ops.sgd_update_) if which == "sgd_update_" else (_sgd8_args, ops.sgd8bit_update_)
+    make, op, state_lists = UPDATE_OPS[which]
     args = make(gen, first_step=first_step)
     args[1][0][0] = float("nan")  # what GradScaler would have found
     args[1][1][5] = float("inf")
-    state_lists = 1 if which == "sgd_update_" else 2  # buffers; or codes and absmax
     if first_step:
         # a first step's state is output only: garbage in it must not matter, and a skipped first step
         # leaves it empty (zeros; the code of 0.0), so an optimizer may allocate it uninitialised
@@ -428,10 +396,7 @@ def test_found_inf_leaves_everything_untouched(which, first_step, gen):
     snap = _snapshot(args)
     op(*args, grad_scale=torch.tensor(65536.0), found_inf=torch.tensor(1.0))
     if first_step:
-        if which == "sgd_update_":
-            assert all(bool((b == 0).all()) for b in args[2])
-        else:
-            assert all(bool((c == ZERO_CODE).all()) for c in args[2]) and all(bool((a == 0).all()) for a in args[3])
+        _assert_empty_state(args, state_lists)
         _assert_unchanged(args[:2] + args[2 + state_lists:], snap[:2] + snap[2 + state_lists:])
     else:
         _assert_unchanged(args, snap)
@@ -446,10 +411,10 @@ def test_found_inf_leaves_everything_untouched(which, first_step, gen):
 def test_first_step_with_momentum_value_0_writes_empty_state(which, stochastic, gen):
     """A scheduled momentum tensor may be 0 on a param's first step: the update is plain SGD and the state
     (allocated uninitialised, here filled with garbage) comes out as empty momentum."""
-    make, op = (_sgd_args, ops.sgd_update_) if which == "sgd_update_" else (_sgd8_args, ops.sgd8bit_update_)
+    make, op, state_lists = UPDATE_OPS[which]
     dtype = torch.bfloat16 if stochastic else torch.float32
     args = make(gen, dtype, first_step=True)
-    lists = 3 if which == "sgd_update_" else 4  # params, grads, then the state lists
+    lists = 2 + state_lists  # params, grads, then the state lists
     args[lists + 1] = torch.tensor(0.0, dtype=torch.float64)  # momentum
     for state in args[2:lists]:
         for t in state:
@@ -457,10 +422,7 @@ def test_first_step_with_momentum_value_0_writes_empty_state(which, stochastic, 
     params = [p.clone() for p in args[0]]
     seed = torch.tensor(7) if stochastic else None
     op(*args, rounding_seed=seed)
-    if which == "sgd_update_":
-        assert all(bool((b == 0).all()) for b in args[2])
-    else:
-        assert all(bool((c == ZERO_CODE).all()) for c in args[2]) and all(bool((a == 0).all()) for a in args[3])
+    _assert_empty_state(args, state_lists)
     lr, weight_decay = args[lists].item(), args[lists + 3]
     for p, before, g in zip(args[0], params, args[1]):
         want = before.float() - lr * (g.float() + weight_decay * before.float())

@@ -5,6 +5,7 @@ import copy
 import io
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchsgd8
 
+from helpers import set_same_grads
+
 CLASSES = [torchsgd8.SGD, torchsgd8.SGD32bit, torchsgd8.SGD8bit]
 
 
@@ -24,14 +27,6 @@ def _params(gen, shapes=((5, 3), (3,), (300,)), dtype=torch.float32):
 
 def _clone(params):
     return [nn.Parameter(p.detach().clone()) for p in params]
-
-
-def _set_grads(param_lists, gen):
-    """Gives every list the same fresh random grads (the lists hold params of equal shapes)."""
-    for ps in zip(*param_lists):
-        g = torch.randn(ps[0].shape, generator=gen, dtype=ps[0].dtype)
-        for p in ps:
-            p.grad = g.clone()
 
 
 def _assert_same(ours, ref, rtol=1e-6):
@@ -112,7 +107,7 @@ def test_lr_float_or_one_element_tensor(lr_kind, gen):
             else:
                 opt.param_groups[0]["lr"] = 0.01
             ref_opt.param_groups[0]["lr"] = 0.01
-        _set_grads([ours, ref], gen)
+        set_same_grads([ours, ref], gen)
         opt.step()
         ref_opt.step()
         _assert_same(ours, ref)
@@ -182,7 +177,7 @@ def test_torch_state_dict_loads_into_sgd32bit(gen):
     ref = _clone(init)
     ref_opt = torch.optim.SGD(ref, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01, foreach=False)
     for step in range(4):
-        _set_grads([ref], gen)
+        set_same_grads([ref], gen)
         if step == 0:
             ref[2].grad = None  # param 2 joins late: its buffer is younger than the others
         ref_opt.step()
@@ -194,7 +189,7 @@ def test_torch_state_dict_loads_into_sgd32bit(gen):
     for p, r in zip(ours, ref):
         assert torch.equal(opt.state[p]["momentum_buffer"], ref_opt.state[r]["momentum_buffer"])
     for _ in range(5):
-        _set_grads([ours, ref], gen)
+        set_same_grads([ours, ref], gen)
         opt.step()
         ref_opt.step()
     for p, r in zip(ours, ref):
@@ -207,7 +202,7 @@ def test_our_state_dict_loads_into_torch(gen):
     ours = _clone(init)
     opt = torchsgd8.SGD32bit(ours, lr=0.05, momentum=0.9, dampening=0.2)
     for step in range(4):
-        _set_grads([ours], gen)
+        set_same_grads([ours], gen)
         if step == 0:
             ours[1].grad = None
         opt.step()
@@ -217,7 +212,7 @@ def test_our_state_dict_loads_into_torch(gen):
     ref_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert ref_opt.param_groups[0]["momentum"] == 0.9 and ref_opt.param_groups[0]["dampening"] == 0.2
     for _ in range(5):
-        _set_grads([ours, ref], gen)
+        set_same_grads([ours, ref], gen)
         opt.step()
         ref_opt.step()
     _assert_same(ours, ref)
@@ -231,7 +226,7 @@ def test_state_dict_roundtrip_through_torch_save_weights_only(bits, gen):
     ours = _clone(init)
     opt = torchsgd8.SGD(ours, lr=0.05, momentum=0.9, optim_bits=bits, min_8bit_size=256)
     for _ in range(3):
-        _set_grads([ours], gen)
+        set_same_grads([ours], gen)
         opt.step()
     buffer = io.BytesIO()
     torch.save(opt.state_dict(), buffer)
@@ -250,7 +245,7 @@ def test_state_dict_roundtrip_through_torch_save_weights_only(bits, gen):
     if bits == 8:
         assert "state1" in opt.state[ours[1]] and "momentum_buffer" in opt.state[ours[0]]
     for _ in range(3):
-        _set_grads([ours, copy_params], gen)
+        set_same_grads([ours, copy_params], gen)
         opt.step()
         opt2.step()
     for p, q in zip(ours, copy_params):
@@ -288,7 +283,7 @@ def test_one_call_per_group_for_many_params(gen):
     params.append(nn.Parameter(torch.randn(65, 33, generator=gen).t()))  # non-contiguous
     opt = torchsgd8.SGD(params, lr=0.1, momentum=0.9)
     for step in range(2):
-        _set_grads([params], gen)
+        set_same_grads([params], gen)
         calls = _record_step(opt)
         assert len(calls) == 1
         name, args = calls[0]
@@ -300,7 +295,7 @@ def test_one_call_per_group_for_many_params(gen):
 def test_no_momentum_call_has_no_buffers(gen):
     params = _params(gen)
     opt = torchsgd8.SGD(params, lr=0.1)
-    _set_grads([params], gen)
+    set_same_grads([params], gen)
     calls = _record_step(opt)
     assert len(calls) == 1 and calls[0][0] == "sgd_update_"
     assert len(calls[0][1]["params"]) == 3 and len(calls[0][1]["momentum_buffers"]) == 0
@@ -312,7 +307,7 @@ def test_mixed_dtypes_in_one_group_make_two_calls(gen):
     opt = torchsgd8.SGD(params, lr=0.1, momentum=0.9)
     ref_opt = torch.optim.SGD(ref, lr=0.1, momentum=0.9, foreach=False)
     for _ in range(2):
-        _set_grads([params, ref], gen)
+        set_same_grads([params, ref], gen)
         calls = _record_step(opt)
         ref_opt.step()
         assert len(calls) == 2
@@ -324,7 +319,7 @@ def test_mixed_dtypes_in_one_group_make_two_calls(gen):
 def test_one_call_per_group(gen):
     a, b = _params(gen), _params(gen)
     opt = torchsgd8.SGD([{"params": a}, {"params": b, "lr": 0.01, "nesterov": True}], lr=0.1, momentum=0.9)
-    _set_grads([a + b], gen)
+    set_same_grads([a + b], gen)
     calls = _record_step(opt)
     assert len(calls) == 2
     assert [float(c[1]["lr"]) for c in calls] == [0.1, 0.01]
@@ -334,11 +329,11 @@ def test_one_call_per_group(gen):
 def test_late_first_step_is_its_own_bucket(gen):
     params = _params(gen)
     opt = torchsgd8.SGD(params, lr=0.1, momentum=0.9)
-    _set_grads([params], gen)
+    set_same_grads([params], gen)
     params[1].grad = None
     calls = _record_step(opt)
     assert len(calls) == 1 and len(calls[0][1]["params"]) == 2 and calls[0][1]["first_step"] is True
-    _set_grads([params], gen)
+    set_same_grads([params], gen)
     calls = _record_step(opt)
     assert sorted((len(c[1]["params"]), c[1]["first_step"]) for c in calls) == [(1, True), (2, False)]
 
@@ -347,7 +342,7 @@ def test_8bit_and_full_precision_state_kinds_are_separate_buckets(gen):
     params = (_params(gen, shapes=((600,), (300,), (10,))) + _params(gen, shapes=((300,),), dtype=torch.float64))
     opt = torchsgd8.SGD8bit(params, lr=0.1, momentum=0.9, min_8bit_size=256)
     for step in range(2):
-        _set_grads([params], gen)
+        set_same_grads([params], gen)
         calls = _record_step(opt)
         summary = sorted((name, str(args["params"][0].dtype), len(args["params"]), args["first_step"])
                          for name, args in calls)
@@ -376,6 +371,38 @@ def test_module_main_prints_versions_ops_and_isa():
     assert f"AVX2 gathers {'on' if torchsgd8._C.cpu_gather() else 'off'}" in out
 
 
+# ---- without numpy (torch does not need it, and torchsgd8 does not declare it) -------------------------
+
+
+def _steps_and_conversions() -> dict:
+    """Three SGD8bit steps (8-bit state in both block layouts and full precision), then the state dict
+    converted to full precision and back to 8 bits by load_state_dict."""
+    gen = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(s, generator=gen)) for s in ((20, 300), (5000,), (7,))]
+    opt = torchsgd8.SGD8bit(params, lr=0.1, momentum=0.9, min_8bit_size=1000)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    full = torchsgd8.SGD32bit(params, lr=0.1, momentum=0.9)
+    full.load_state_dict(opt.state_dict())
+    opt.load_state_dict(full.state_dict())
+    return {"params": params, "8bit": opt.state_dict(), "full": full.state_dict()}
+
+
+def test_import_and_steps_work_without_numpy(tmp_path):
+    code = ("import sys; sys.modules['numpy'] = None; "  # `import numpy` raises ImportError, as if not installed
+            "sys.path.insert(0, sys.argv[1]); import torch, test_optimizer_api as t; "
+            "torch.save(t._steps_and_conversions(), sys.argv[2]); "
+            "assert sys.modules['numpy'] is None")
+    out = tmp_path / "result.pt"
+    proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    without, with_numpy = torch.load(out), _steps_and_conversions()
+    torch.testing.assert_close(without, with_numpy, rtol=0, atol=0)
+
+
 # ---- step hooks and the profiler range (our step wrapper stands in for Optimizer's) -------------------
 
 
@@ -391,7 +418,7 @@ def test_step_hooks_run_once_per_step_in_torch_order(cls, gen):
         register_optimizer_step_post_hook(lambda o, a, k: order.append(("global post", o))),
     ]
     try:
-        _set_grads([params], gen)
+        set_same_grads([params], gen)
         opt.step()
     finally:
         for h in handles:
@@ -405,7 +432,7 @@ def test_step_hooks_run_once_per_step_in_torch_order(cls, gen):
 def test_step_pre_hook_can_replace_the_arguments(gen):
     params = _params(gen)
     opt = torchsgd8.SGD8bit(params, lr=0.1, momentum=0.9)
-    _set_grads([params], gen)
+    set_same_grads([params], gen)
     calls = []
     opt.register_step_pre_hook(lambda o, args, kwargs: ((), {"closure": lambda: calls.append(1) or 3.0}))
     assert opt.step() == 3.0 and calls == [1]
@@ -424,7 +451,7 @@ def test_subclass_overriding_step_runs_hooks_once(gen):
     seen = []
     opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
     opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
-    _set_grads([params], gen)
+    set_same_grads([params], gen)
     opt.step()
     assert seen == ["pre", "post"]
 
@@ -433,7 +460,7 @@ def test_subclass_overriding_step_runs_hooks_once(gen):
 def test_profiler_shows_the_step_range(cls, gen):
     params = _params(gen)
     opt = cls(params, lr=0.1, momentum=0.9)
-    _set_grads([params], gen)
+    set_same_grads([params], gen)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         opt.step()
     names = [e.name for e in prof.events()]
@@ -444,7 +471,7 @@ def test_profiler_shows_the_step_range(cls, gen):
 def test_step_leaves_grad_mode_as_it_was(gen):
     params = _params(gen)
     opt = torchsgd8.SGD8bit(params, lr=0.1, momentum=0.9)
-    _set_grads([params], gen)
+    set_same_grads([params], gen)
     opt.step()  # runs without grad (the ops reject tensors requiring grad when grad mode is on)
     assert torch.is_grad_enabled()
     with torch.no_grad():

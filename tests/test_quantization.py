@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from torchsgd8 import ops
-from torchsgd8.quantization import (BLOCK_SIZE, ZERO_CODE, absmax_per_element, nearest_code, nearest_code_reference,
-                                    nearest_code_segments, positive_thresholds, segment_boundaries,
-                                    signed_dynamic_map)
+from torchsgd8.quantization import BLOCK_SIZE, ZERO_CODE, absmax_per_element, signed_dynamic_map
+
+from quant_reference import nearest_code, nearest_code_reference, nearest_code_segments, tables
 
 QMAP = signed_dynamic_map()
 QMAP64 = QMAP.to(torch.float64)
@@ -205,7 +205,7 @@ def test_codes_are_exact_for_quotients_near_thresholds_at_every_scale(gen):
     """value / absmax lands within a few ulps of a threshold for absmax of every binade from 2^-80 to 2^80,
     random mantissas, and the edges 2^-64 and 2^64 (the AVX2 kernels compute the quotient by multiplying
     with 1/absmax and an fma correction inside [2^-64, 2^64) and divide outside it)."""
-    thresholds = torch.from_numpy(positive_thresholds(QMAP.numpy())[:-1].view("int32").astype("int64"))
+    thresholds = torch.from_numpy(tables.positive_thresholds(QMAP.numpy())[:-1].view("int32").astype("int64"))
     near = (thresholds[:, None] + torch.arange(-6, 7)).reshape(-1).to(torch.int32).view(torch.float32)
     near = near[near <= 1]
     ratios = torch.cat([near, -near, torch.rand(2000, generator=gen) * 2 - 1])
@@ -278,7 +278,7 @@ def _ratios_from_bits(bits: torch.Tensor) -> torch.Tensor:
 
 def _near_every_edge() -> torch.Tensor:
     """Both signs of every float within 2**12 ulps of a threshold, and within 64 ulps of a binade edge."""
-    thresholds = torch.from_numpy(positive_thresholds(QMAP.numpy())[:-1].view("int32").astype("int64"))
+    thresholds = torch.from_numpy(tables.positive_thresholds(QMAP.numpy())[:-1].view("int32").astype("int64"))
     around = torch.arange(-2**12, 2**12 + 1)
     edges = torch.arange(0, 128) << 23
     bits = torch.cat([(thresholds[:, None] + around).reshape(-1), (edges[:, None] + torch.arange(-64, 65)).reshape(-1)])
@@ -299,7 +299,7 @@ def test_codes_are_exact_around_every_threshold_and_binade_edge():
 
 
 def test_segment_rule_is_exact_away_from_integers():
-    """The AVX-512 kernels' arithmetic rule (torchsgd8.quantization.nearest_code_segments), checked in Python
+    """The AVX-512 kernels' arithmetic rule (quant_reference.nearest_code_segments), checked in Python
     on any CPU: wherever it does not defer to the lookup it gives the exact code, and it defers rarely."""
     ratios = _near_every_edge()
     codes, near = nearest_code_segments(ratios)
@@ -307,7 +307,7 @@ def test_segment_rule_is_exact_away_from_integers():
     assert torch.equal(codes[~near], expected[~near])
     assert near.any()  # some of these values are within kSegmentNear of an integer position ...
     # ... and the segment boundaries themselves are found by exact compares
-    boundaries = torch.from_numpy(segment_boundaries(positive_thresholds(QMAP.numpy())).astype("int64"))
+    boundaries = torch.from_numpy(tables.segment_boundaries(tables.positive_thresholds(QMAP.numpy())).astype("int64"))
     at_boundaries = _ratios_from_bits(torch.cat([boundaries - 1, boundaries, boundaries + 1]))
     assert torch.equal(nearest_code_segments(at_boundaries)[0], nearest_code(at_boundaries))
     uniform = torch.rand(1_000_000, generator=torch.Generator().manual_seed(5)) * 2 - 1

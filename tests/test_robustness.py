@@ -29,7 +29,9 @@ import torch._dynamo
 
 import torchsgd8
 from torchsgd8 import _C, ops
-from torchsgd8.quantization import BLOCK_SIZE, nearest_code_reference, positive_thresholds, signed_dynamic_map
+from torchsgd8.quantization import BLOCK_SIZE, signed_dynamic_map
+
+from quant_reference import nearest_code_reference, tables
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -148,7 +150,7 @@ def special_values() -> torch.Tensor:
     x = torch.randn(n, generator=gen)
     scale = 10.0 ** (torch.rand(n // BLOCK_SIZE + 1, generator=gen) * 60 - 30)
     x *= scale.repeat_interleave(BLOCK_SIZE)[:n]
-    t = np.asarray(positive_thresholds(signed_dynamic_map().numpy())[:-1], dtype=np.float32)
+    t = np.asarray(tables.positive_thresholds(signed_dynamic_map().numpy())[:-1], dtype=np.float32)
     ties = np.concatenate([t, np.nextafter(t, np.float32(np.inf)), np.nextafter(t, np.float32(0))])
     ties = torch.from_numpy(np.concatenate([ties, -ties]).astype(np.float32))  # 768 values
     pos = 100 * BLOCK_SIZE

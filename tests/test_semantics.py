@@ -21,6 +21,8 @@ from torch import nn
 
 import torchsgd8
 
+from helpers import set_same_grads
+
 STEPS = 100
 LR = 0.05
 SEED = 1234
@@ -248,9 +250,7 @@ def test_no_momentum_keeps_no_state(gen):
     opt = torchsgd8.SGD(ours, lr=LR, momentum=0, weight_decay=0.01)
     ref_opt = torch.optim.SGD(ref, lr=LR, momentum=0, weight_decay=0.01, foreach=False)
     for _ in range(3):
-        for p, r in zip(ours, ref):
-            p.grad = torch.randn(p.shape, generator=gen)
-            r.grad = p.grad.clone()
+        set_same_grads([ours, ref], gen)
         opt.step()
         ref_opt.step()
     assert all(not s for s in opt.state.values())

@@ -13,7 +13,7 @@ import torch
 import torchsgd8
 from torchsgd8 import ops
 from torchsgd8._state import StateDictError
-from torchsgd8.optim import MIN_ROW_LENGTH
+from torchsgd8._layout import MIN_ROW_LENGTH
 from torchsgd8.quantization import BLOCK_SIZE, absmax_per_element, signed_dynamic_map
 
 QMAP = signed_dynamic_map()

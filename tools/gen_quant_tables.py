@@ -6,13 +6,13 @@ The map is bitsandbytes' create_dynamic_map(signed=True), rebuilt by torchsgd8.q
 it equals bitsandbytes' bit for bit). The map is symmetric except for +1.0, so codes are found from |x|:
 c(|x|) = number of positive thresholds below |x|, and code = 127 + c (x >= 0) or 127 - min(c, 127).
 c is found without a search: the top bits of |x| (exponent and 6 mantissa bits) index a bucket, every
-bucket holds at most one threshold (asserted here), and kBucketTable[bucket] packs the count of
+bucket holds at most one threshold (the derivation asserts it), and kBucketTable[bucket] packs the count of
 thresholds below the bucket with the low bits of the one inside it: c = base + (low(|x|) > low).
-The kSegment* tables serve the AVX-512 kernels, which find c by arithmetic (see torchsgd8.quantization).
+The kSegment* tables serve the AVX-512 kernels, which find c by arithmetic. The derivation of every table
+is tools/quant_tables.py.
 """
 import numpy as np
-
-from torchsgd8.quantization import (
+from quant_tables import (
     BUCKET_SHIFT,
     CLAMP_BIAS,
     CLAMP_SCALE,
@@ -25,8 +25,9 @@ from torchsgd8.quantization import (
     positive_thresholds,
     segment_exponent_tables,
     segment_linear_tables,
-    signed_dynamic_map,
 )
+
+from torchsgd8.quantization import signed_dynamic_map
 
 
 def c_floats(values):

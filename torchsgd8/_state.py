@@ -5,7 +5,7 @@ Per-param state in torchsgd8 is one of
   * ``{"momentum_buffer": Tensor}`` in the param's dtype and shape (torch.optim.SGD's own key), or
   * ``{"step": 0-dim float32, "state1": uint8 (param's shape), "absmax1": float32, "qmap1": float32[256]}``
     (bitsandbytes' 8-bit keys); absmax1 is ``[blocks]`` (flat layout) or ``[rows, blocks per row]`` (per
-    row, for params with rows of >= 128 elements; see optim.MIN_ROW_LENGTH).
+    row, for params with rows of >= 128 elements; see _layout.MIN_ROW_LENGTH).
 Saved state may come in any of these, or as bitsandbytes writes it: ``step`` as an int, keys nested
 under ``"__bnb_optimizer_quant_state__"``, and a float32 ``state1`` for 32-bit state. Each param's state
 is converted to what this optimizer keeps for it (8-bit or full precision); everything is validated
@@ -17,12 +17,14 @@ import copy
 import math
 from collections import defaultdict
 from itertools import chain
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from . import ops
+from ._checks import validate_group
+from ._layout import EIGHT_BIT, FULL, NONE, StateKind, absmax_shape, gets_8bit_state, per_row, uses_momentum
 from .quantization import BLOCK_SIZE, absmax_per_element
 
 FORMAT_KEY = "torchsgd8_format_version"
@@ -42,8 +44,10 @@ class StateDictError(ValueError):
     """A state dict that cannot be loaded; the message names the group or parameter."""
 
 
-def convert_state_dict(optimizer, state_dict: dict[str, Any]) -> tuple[list[dict], dict]:
-    """Returns (param_groups, state) ready for ``optimizer.__setstate__``, or raises StateDictError."""
+def convert_state_dict(groups: list[dict], state_dict: dict[str, Any],
+                       codebook: Callable[[torch.device], Tensor]) -> tuple[list[dict], dict]:
+    """Returns (param_groups, state) ready for ``__setstate__`` of the optimizer with these param `groups`,
+    or raises StateDictError. 8-bit state gets ``codebook(device)`` as its qmap."""
     if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
         raise StateDictError("optimizer state dict must be a dict with 'state' and 'param_groups'")
     version = state_dict.get(FORMAT_KEY)
@@ -52,7 +56,6 @@ def convert_state_dict(optimizer, state_dict: dict[str, Any]) -> tuple[list[dict
             f"state dict has torchsgd8 format version {version!r}; this torchsgd8 reads versions "
             f"{', '.join(map(str, _READABLE_VERSIONS))}"
         )
-    groups = optimizer.param_groups
     saved_groups = state_dict["param_groups"]
     if not isinstance(state_dict["state"], dict):
         raise StateDictError(f"'state' must be a dict keyed by param id, got {type(state_dict['state']).__name__}")
@@ -81,7 +84,7 @@ def convert_state_dict(optimizer, state_dict: dict[str, Any]) -> tuple[list[dict
     new_groups = [_convert_group(group, saved, i) for i, (group, saved) in enumerate(zip(groups, saved_groups))]
     for group in new_groups:
         try:
-            optimizer._validate_group(group)
+            validate_group(group)
         except (ValueError, TypeError) as e:
             raise StateDictError(f"state dict has an invalid param group: {e}") from e
 
@@ -96,7 +99,7 @@ def convert_state_dict(optimizer, state_dict: dict[str, Any]) -> tuple[list[dict
     for pid, saved_state in state_dict["state"].items():
         param = id_to_param[pid]
         where = f"param {id_to_index[pid]} (shape {tuple(param.shape)}, {param.dtype})"
-        converted = _convert_param_state(optimizer, saved_state, param, id_to_group[pid], where)
+        converted = _convert_param_state(codebook, saved_state, param, id_to_group[pid], where)
         if converted:
             state[param] = converted
     return new_groups, state
@@ -180,19 +183,19 @@ def _read_step(value: Any, where: str) -> Tensor:
     return torch.tensor(float(value), dtype=torch.float32)
 
 
-def _read_momentum(optimizer, flat: dict, param: Tensor, where: str) -> tuple[str, Any]:
-    """Returns ("none", None), ("full", buffer tensor) or ("8bit", (codes, absmax, qmap, step))."""
+def _read_momentum(flat: dict, param: Tensor, where: str) -> tuple[StateKind, Any]:
+    """Returns (NONE, None), (FULL, buffer tensor) or (EIGHT_BIT, (codes, absmax, qmap, step))."""
     keys = set(flat)
     if not keys or keys == {"step"}:
-        return "none", None
+        return NONE, None
     if "momentum_buffer" in keys:
         extra = keys - {"momentum_buffer"}
         if extra:
             raise StateDictError(f"{where}: unexpected keys {_names(extra)} beside 'momentum_buffer'")
         buf = flat["momentum_buffer"]
         if buf is None:
-            return "none", None
-        return "full", _check_tensor(buf, where, "momentum_buffer", shape=param.shape, floating=True)
+            return NONE, None
+        return FULL, _check_tensor(buf, where, "momentum_buffer", shape=param.shape, floating=True)
     if "state1" not in keys:
         raise StateDictError(f"{where}: no 'momentum_buffer' or 'state1' among keys {_names(keys)}")
     state1 = flat["state1"]
@@ -210,41 +213,42 @@ def _read_momentum(optimizer, flat: dict, param: Tensor, where: str) -> tuple[st
             valid.add(ops.absmax_shape(param.shape, per_row=True))
         if tuple(absmax.shape) not in valid:
             raise StateDictError(f"{where}: 'absmax1' has shape {tuple(absmax.shape)}, expected "
-                                 f"{optimizer._absmax_shape(param)} (one per 256-element block)")
+                                 f"{absmax_shape(param)} (one per 256-element block)")
         qmap = _check_tensor(flat["qmap1"], where, "qmap1", shape=(256,), dtype=torch.float32)
         if not bool((qmap[1:] > qmap[:-1]).all()):
             raise StateDictError(f"{where}: 'qmap1' must be strictly increasing")
-        return "8bit", (state1, absmax, qmap, _read_step(flat.get("step", 1), where))
+        return EIGHT_BIT, (state1, absmax, qmap, _read_step(flat.get("step", 1), where))
     extra = keys - {"state1", "step"}
     if extra:
         raise StateDictError(f"{where}: unexpected keys {_names(extra)} in 32-bit state")
-    return "full", _check_tensor(state1, where, "state1", floating=True)
+    return FULL, _check_tensor(state1, where, "state1", floating=True)
 
 
-def _convert_param_state(optimizer, saved_state: Any, param: Tensor, group: dict, where: str) -> dict:
+def _convert_param_state(codebook: Callable[[torch.device], Tensor], saved_state: Any, param: Tensor, group: dict,
+                         where: str) -> dict:
     flat = _unwrap(saved_state, where)
-    kind, value = _read_momentum(optimizer, flat, param, where)
-    if kind == "none" or not optimizer._uses_momentum(group["momentum"]):
+    kind, value = _read_momentum(flat, param, where)
+    if kind is NONE or not uses_momentum(group["momentum"]):
         return {}
-    want_8bit = optimizer._wants_8bit(param, group)
-    if kind == "full":
+    want_8bit = gets_8bit_state(param, group)
+    if kind is FULL:
         buf = value.detach().to(device=param.device)
         if not want_8bit:
             return {"momentum_buffer": buf.to(param.dtype).contiguous().clone()}
-        codes, absmax = ops.quantize_blockwise(buf.to(torch.float32), per_row=len(optimizer._absmax_shape(param)) == 2)
+        codes, absmax = ops.quantize_blockwise(buf.to(torch.float32), per_row=per_row(param))
         # torch.optim.SGD keeps no step count; bitsandbytes' 32-bit state does: keep it where present
-        return _8bit_state(optimizer, param, codes, absmax, _read_step(flat.get("step", 1), where))
+        return _8bit_state(codebook, param, codes, absmax, _read_step(flat.get("step", 1), where))
     codes, absmax, qmap, step = value
     codes, absmax = codes.to(param.device).contiguous(), absmax.to(param.device).contiguous()
-    target = optimizer._absmax_shape(param)
-    same_codebook = torch.equal(qmap.to(param.device), optimizer._qmap(param.device))
+    target = absmax_shape(param)
+    same_codebook = torch.equal(qmap.to(param.device), codebook(param.device))
     if want_8bit and same_codebook and _same_blocks(param.shape, tuple(absmax.shape), target):
-        return _8bit_state(optimizer, param, codes.clone(), absmax.reshape(target).clone(), step)
+        return _8bit_state(codebook, param, codes.clone(), absmax.reshape(target).clone(), step)
     values = _decode(codes, absmax, qmap.to(param.device))
     if not want_8bit:
         return {"momentum_buffer": values.to(param.dtype)}
-    codes, absmax = ops.quantize_blockwise(values, per_row=len(target) == 2)
-    return _8bit_state(optimizer, param, codes, absmax, step)
+    codes, absmax = ops.quantize_blockwise(values, per_row=per_row(param))
+    return _8bit_state(codebook, param, codes, absmax, step)
 
 
 def _same_blocks(shape: torch.Size, saved: tuple, target: tuple) -> bool:
@@ -260,6 +264,7 @@ def _decode(codes: Tensor, absmax: Tensor, qmap: Tensor) -> Tensor:
     return qmap[codes.long()] * absmax_per_element(absmax, codes.shape)
 
 
-def _8bit_state(optimizer, param: Tensor, codes: Tensor, absmax: Tensor, step: Tensor) -> dict:
-    return {"step": step, "state1": codes, "absmax1": absmax, "qmap1": optimizer._qmap(param.device)}
+def _8bit_state(codebook: Callable[[torch.device], Tensor], param: Tensor, codes: Tensor, absmax: Tensor,
+                step: Tensor) -> dict:
+    return {"step": step, "state1": codes, "absmax1": absmax, "qmap1": codebook(param.device)}
 

@@ -6,7 +6,7 @@ describe outputs only, so the ops trace under torch.compile, torch.export and Fa
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -62,27 +62,17 @@ def sgd8bit_update_(
     grads: Sequence[Tensor],
     codes: Sequence[Tensor],
     absmax: Sequence[Tensor],
-    lr: Tensor,
-    momentum: Tensor,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    maximize: bool,
-    first_step: bool,
-    grad_scale: Optional[Tensor] = None,
-    found_inf: Optional[Tensor] = None,
-    rounding_seed: Optional[Tensor] = None,
+    *update_args: Any,
     steps: Optional[Sequence[Tensor]] = None,
+    **update_kwargs: Any,
 ) -> None:
-    """The same update with the momentum buffer stored as 8-bit blockwise codes + absmax, in place.
+    """sgd_update_ with each momentum buffer held as 8-bit blockwise codes + absmax, updated in place;
+    ``update_args`` / ``update_kwargs``: sgd_update_'s arguments from ``lr`` on (the ops share them).
 
     steps: the params' step counters (one-element float32 CPU tensors), each incremented in place when
     the step runs (not when found_inf is nonzero).
     """
-    torch.ops.torchsgd8.sgd8bit_update_.default(
-        params, grads, codes, absmax, lr, momentum, dampening, weight_decay, nesterov, maximize,
-        first_step, grad_scale, found_inf, rounding_seed, steps,
-    )
+    torch.ops.torchsgd8.sgd8bit_update_.default(params, grads, codes, absmax, *update_args, steps=steps, **update_kwargs)
 
 
 def grads_fit(params: Sequence[Tensor], grads: Sequence[Tensor]) -> bool:

@@ -1,52 +1,26 @@
 """SGD, SGD8bit and SGD32bit: the bitsandbytes constructors with torch.optim.SGD's exact semantics.
 
-The classes only validate, bucket and call ops: ``step()`` groups the params of each param group by
-(device, dtype, state kind, first step) and makes one fused op call per bucket. Eager steps reuse the
-grouping of the group's last step (a plan, re-checked param by param) instead of redoing it: the Python
-work per param is most of a step's cost for small tensors. All math is in the kernels (csrc/), all
-state-dict conversion in ``_state.py``.
+``step()`` reads as torch.optim.SGD's: for each param group, its params go into buckets (_buckets.py:
+same device, dtype, state kind and first step), and each bucket is one fused op call (ops.py). Which
+state a param gets is _layout.py's rule, user input is checked by _checks.py, state dicts are converted
+by _state.py, and how the step joins torch's hooks, profiler, LR schedulers and GradScaler is in
+_torch_private.py. All math is in the kernels (csrc/).
 """
 from __future__ import annotations
 
-import functools
-import math
-from itertools import chain
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _state, ops
-from .quantization import signed_dynamic_map
+from ._buckets import Bucket, GroupPlan, collect_buckets, planned_buckets
+from ._checks import check_grad, read_bnb_args, validate_group
+from ._layout import EIGHT_BIT, codebook_copy, local
+from ._torch_private import adopt_step_protocols, amp_scaling_args, record_step_called
 
 __all__ = ["SGD", "SGD8bit", "SGD32bit"]
-
-# bitsandbytes' `args` fields we can be asked about, with the values meaning "feature off". Fields we
-# implement (optim_bits, min_8bit_size) are read; the others must keep these values.
-_BNB_ARGS_UNSUPPORTED_DEFAULTS = {
-    "percentile_clipping": 100,
-    "max_unorm": 0.0,
-    "skip_zeros": False,
-    "block_wise": True,
-    "is_paged": False,
-}
-
-try:  # what torch.optim.Optimizer's own step wrapper uses (see _profiled_step)
-    from torch._C._profiler import _RecordFunctionFast
-    from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
-except ImportError:  # another torch version: Optimizer wraps step itself
-    _RecordFunctionFast = None
-
-try:  # FSDP2 shards params as DTensors
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch built without distributed support
-    DTensor = ()
-
-_CODEBOOK = signed_dynamic_map()
-
-# dtypes whose momentum can be kept in 8 bits; others (float64, complex) keep a full-precision buffer.
-_8BIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Under torch.compile a bucket's op call is split into calls on at most this many params. Inductor's
 # decomposition of the functionalized mutable op (post-grad pass decompose_auto_functionalized, torch 2.13)
@@ -55,119 +29,6 @@ _8BIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # bucket are independent, so the chunks give bit-identical results; eager calls stay whole (one parallel
 # region per bucket).
 _COMPILED_CALL_SIZE = 32
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_hyperparameter(name: str, value: Any, *, allow_tensor: bool) -> None:
-    if isinstance(value, Tensor):
-        if not allow_tensor:
-            raise TypeError(f"torchsgd8: {name} must be a Python number, got a tensor")
-        if value.numel() != 1:
-            raise ValueError(f"torchsgd8: Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
-        if value.requires_grad:
-            raise ValueError(f"torchsgd8: Tensor {name} must not require grad")
-        number = float(value.detach().cpu())
-    elif _is_number(value):
-        number = float(value)
-    else:
-        raise TypeError(f"torchsgd8: {name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(number):
-        raise ValueError(f"Invalid {name} value: {number} (must be finite)")
-    if number < 0.0:
-        raise ValueError(f"Invalid {name} value: {number} (must be >= 0)")
-
-
-def _validate_group(group: dict) -> None:
-    """Checks one param group's hyperparameters; raises ValueError/TypeError a user can act on."""
-    _check_hyperparameter("learning rate", group["lr"], allow_tensor=True)
-    _check_hyperparameter("momentum", group["momentum"], allow_tensor=True)
-    _check_hyperparameter("dampening", group["dampening"], allow_tensor=False)
-    _check_hyperparameter("weight_decay", group["weight_decay"], allow_tensor=False)
-    if group["nesterov"] and (float(group["momentum"]) <= 0 or group["dampening"] != 0):
-        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-    if group["optim_bits"] not in (8, 32):
-        raise ValueError(f"torchsgd8: optim_bits must be 8 or 32, got {group['optim_bits']!r}")
-    if not isinstance(group.get("stochastic_rounding", False), bool):
-        raise TypeError("torchsgd8: stochastic_rounding must be a bool")
-    if not isinstance(group["min_8bit_size"], int) or group["min_8bit_size"] < 0:
-        raise ValueError(f"torchsgd8: min_8bit_size must be an int >= 0, got {group['min_8bit_size']!r}")
-    for p in group["params"]:
-        if p.is_sparse:
-            raise ValueError("torchsgd8: sparse parameters are not supported")
-        if not (p.is_floating_point() or p.is_complex()):
-            raise ValueError(f"torchsgd8: can only optimize floating-point or complex params, got {p.dtype}")
-
-
-def _read_bnb_args(args: Any, optim_bits: int, min_8bit_size: int) -> tuple[int, int]:
-    """bitsandbytes' `args` object overrides optim_bits / min_8bit_size; features we do not implement
-    must be left at their 'off' value rather than silently ignored. Unrelated attributes (args is often
-    a whole argparse namespace) are ignored."""
-    if args is None:
-        return optim_bits, min_8bit_size
-    for name, off in _BNB_ARGS_UNSUPPORTED_DEFAULTS.items():
-        if hasattr(args, name) and getattr(args, name) != off:
-            raise NotImplementedError(
-                f"torchsgd8: args.{name}={getattr(args, name)!r} is not supported "
-                f"(only {off!r}); torchsgd8 implements optim_bits and min_8bit_size from `args`"
-            )
-    return getattr(args, "optim_bits", optim_bits), getattr(args, "min_8bit_size", min_8bit_size)
-
-
-def _local(t: Tensor) -> Tensor:
-    """This rank's shard of a DTensor (a view: updating it updates the DTensor), or the tensor itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _like_param(p: Tensor, local: Tensor, shape: Optional[tuple[int, ...]] = None) -> Tensor:
-    """State for `p` from this rank's `local` part: a DTensor with p's mesh and placements when p is one, so
-    torch.distributed.checkpoint sees state sharded exactly like its param (global `shape`: p's)."""
-    if isinstance(p, DTensor):
-        shape = tuple(p.shape) if shape is None else tuple(shape)
-        stride = tuple(int(torch.Size(shape)[i + 1:].numel()) for i in range(len(shape)))
-        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=shape, stride=stride)
-    return local
-
-
-# 8-bit state of params with at least 2 dims and rows (dim-0 slices) of at least this many elements is
-# blocked per row: blocks restart at every row (csrc/quant.h, BlockLayout), so FSDP2's Shard(0) splits
-# the state exactly like its param at any world size and a checkpoint moves between sharded and
-# unsharded runs unchanged. Shorter rows would cost more than 1/32 byte of absmax per element; those
-# params and 1-D ones use flat blocks (bitsandbytes' layout), and keep full-precision state when sharded.
-MIN_ROW_LENGTH = 128
-
-
-def _per_row(p: Tensor) -> bool:
-    return p.dim() >= 2 and math.prod(p.shape[1:]) >= MIN_ROW_LENGTH
-
-
-def _absmax_shape(p: Tensor) -> tuple[int, ...]:
-    """(blocks,) for the flat layout; (rows, blocks per row) for the per-row one."""
-    return ops.absmax_shape(p.shape, _per_row(p))
-
-
-def _uses_momentum(momentum: float | Tensor) -> bool:
-    """Whether params of a group get a momentum buffer. A tensor momentum is meant to be scheduled, so it
-    always gets one: reading its value here would break a compiled graph (and sync a device). The kernel
-    reads the value, and while it is 0 updates like torch without momentum, leaving the buffer alone."""
-    return isinstance(momentum, Tensor) or momentum != 0
-
-
-def _check_grad(p: Tensor, grad: Tensor, group_index: int, param_index: int) -> None:
-    """Raises unless grad can update p: dense, with p's dtype, shape and device. The message is only built
-    on failure: under torch.compile this runs once per param while tracing."""
-    if not (grad.layout == torch.strided and grad.dtype == p.dtype and grad.shape == p.shape
-            and grad.device == p.device):
-        where = f"param {param_index} in group {group_index}"
-        if grad.layout != torch.strided:
-            raise RuntimeError(f"torchsgd8: the grad of {where} is sparse; sparse gradients are not supported "
-                               "(use torch.optim.SGD)")
-        raise RuntimeError(
-            f"torchsgd8: the grad of {where} ({grad.dtype}, shape {tuple(grad.shape)}, {grad.device}) must match "
-            f"its param ({p.dtype}, shape {tuple(p.shape)}, {p.device})"
-        )
 
 
 def _ensure_rounding_seed(group: dict) -> None:
@@ -180,50 +41,7 @@ def _as_tensor(value: float | Tensor) -> Tensor:
     return value if isinstance(value, Tensor) else torch.tensor(float(value), dtype=torch.float64)
 
 
-def _profiled_step(step: Callable) -> Callable:
-    """torch.optim.Optimizer's step wrapper (step pre/post hooks, global and per optimizer, and the profiler
-    range "Optimizer.step#<class>.step"), with the range opened by the C++ _RecordFunctionFast instead of
-    torch's Python record_function, which costs ~100 us per step when the caches are cold, as they are after
-    a backward pass (about 20 % of a step of 1M params); for the same reason eager steps switch grad mode off
-    directly rather than through torch.no_grad (~35 us). Marked `hooked`: Optimizer does not wrap it again."""
-
-    body = step.__wrapped__  # step without its @torch.no_grad()
-
-    def eager_step(self, *args, **kwargs):  # what @torch.no_grad() does, minus its Python context manager
-        grad_was_enabled = torch.is_grad_enabled()
-        torch._C._set_grad_enabled(False)
-        try:
-            return body(self, *args, **kwargs)
-        finally:
-            torch._C._set_grad_enabled(grad_was_enabled)
-
-    @functools.wraps(step)
-    def wrapper(self, *args, **kwargs):
-        if type(self).step is not wrapper:  # a subclass's own step, which Optimizer wrapped, called this one
-            return step(self, *args, **kwargs)
-        if torch.compiler.is_compiling():  # dynamo traces the hooks; the range is the compiled graph's
-            return _run_with_step_hooks(self, step, args, kwargs)
-        with _RecordFunctionFast(f"Optimizer.step#{type(self).__name__}.step"):
-            return _run_with_step_hooks(self, eager_step, args, kwargs)
-
-    wrapper.hooked = True
-    return wrapper
-
-
-def _run_with_step_hooks(opt: Optimizer, step: Callable, args: tuple, kwargs: dict) -> Any:
-    for pre_hook in chain(_global_optimizer_pre_hooks.values(), opt._optimizer_step_pre_hooks.values()):
-        result = pre_hook(opt, args, kwargs)
-        if result is not None:
-            if not (isinstance(result, tuple) and len(result) == 2):
-                raise RuntimeError(f"{step} must return None or a tuple of (new_args, new_kwargs), but got {result}.")
-            args, kwargs = result
-    out = step(opt, *args, **kwargs)
-    opt._optimizer_step_code()  # where the profiler's Python tracer looks at the optimizer
-    for post_hook in chain(opt._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()):
-        post_hook(opt, args, kwargs)
-    return out
-
-
+@adopt_step_protocols
 class SGD(Optimizer):
     """Stochastic gradient descent with (optionally 8-bit) momentum; exactly torch.optim.SGD's rule.
 
@@ -258,7 +76,7 @@ class SGD(Optimizer):
         maximize: bool = False,
         stochastic_rounding: bool = False,
     ) -> None:
-        optim_bits, min_8bit_size = _read_bnb_args(args, optim_bits, min_8bit_size)
+        optim_bits, min_8bit_size = read_bnb_args(args, optim_bits, min_8bit_size)
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -270,14 +88,12 @@ class SGD(Optimizer):
             min_8bit_size=min_8bit_size,
             stochastic_rounding=stochastic_rounding,
         )
-        _validate_group({**defaults, "params": []})
+        validate_group({**defaults, "params": []})
         self._qmaps: dict[torch.device, Tensor] = {}
-        self._step_record: dict[str, bool] = {}
-        self._plans: dict[int, _GroupPlan] = {}  # by id(param group)
+        self._step_record: dict[str, bool] = {}  # see _torch_private.adopt_step_protocols
+        self._plans: dict[int, GroupPlan] = {}  # by id(param group)
         self._hyper_tensors: dict[tuple[int, str], tuple[float, Tensor]] = {}  # by (id(param group), name)
         super().__init__(params, defaults)
-        # GradScaler: lets scaler.step() hand us grad_scale / found_inf instead of unscaling first.
-        self._step_supports_amp_scaling = True
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -286,48 +102,17 @@ class SGD(Optimizer):
             if len({id(p) for p in group["params"]}) != len(group["params"]):
                 # torch only warns; updating one tensor twice in one fused call would race between threads
                 raise ValueError("torchsgd8: duplicate parameters in a param group (a tensor appears twice)")
-            _validate_group(group)
+            validate_group(group)
         except (ValueError, TypeError):
             self.param_groups.pop()  # a rejected group must not stay in the optimizer
             raise
         _ensure_rounding_seed(group)
 
-    # ---- state -------------------------------------------------------------------------------------
-
-    def _qmap(self, device: torch.device) -> Tensor:
+    def _codebook(self, device: torch.device) -> Tensor:
         """One shared copy of the 256-entry codebook per device (bitsandbytes' `qmap1`)."""
         if device not in self._qmaps:
-            # copied from a table built eagerly at import: built inside a compiled step, inductor's
-            # linspace would round some entries differently from bitsandbytes'
-            self._qmaps[device] = _CODEBOOK.to(device, copy=True)
+            self._qmaps[device] = codebook_copy(device)
         return self._qmaps[device]
-
-    _validate_group = staticmethod(_validate_group)
-    _uses_momentum = staticmethod(_uses_momentum)
-
-    @staticmethod
-    def _wants_8bit(p: Tensor, group: dict) -> bool:
-        if not (group["optim_bits"] == 8 and p.dtype in _8BIT_DTYPES and p.numel() >= group["min_8bit_size"]):
-            return False
-        if not isinstance(p, DTensor):
-            return True
-        # shards split dim 0: whole rows of blocks go to each rank
-        return _per_row(p) and all(pl.is_shard(0) or pl.is_replicate() for pl in p.placements)
-
-    _absmax_shape = staticmethod(_absmax_shape)
-
-    def _init_state(self, p: Tensor, group: dict, state: dict) -> None:
-        """State for p's first step. Uninitialised: the ops write all of it on a first step (zeros where
-        that step is skipped), so a compiled first step allocates it without generating fill kernels."""
-        local = _local(p)
-        if self._wants_8bit(p, group):
-            state["step"] = torch.zeros((), dtype=torch.float32)
-            state["state1"] = _like_param(p, torch.empty(local.shape, dtype=torch.uint8, device=local.device))
-            local_absmax = torch.empty(ops.absmax_shape(local.shape, _per_row(p)), dtype=torch.float32, device=local.device)
-            state["absmax1"] = _like_param(p, local_absmax, _absmax_shape(p))
-            state["qmap1"] = self._qmap(local.device)
-        else:
-            state["momentum_buffer"] = _like_param(p, torch.empty(local.shape, dtype=local.dtype, device=local.device))
 
     # ---- step --------------------------------------------------------------------------------------
 
@@ -338,9 +123,8 @@ class SGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._step_record["called"] = True  # what an LR scheduler's step wrapper would record (see below)
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
+        record_step_called(self)
+        grad_scale, found_inf = amp_scaling_args(self)
         # every grad is checked before any state is created or any param changes: a bad grad in the last
         # group must not leave earlier groups updated or new zero state behind
         param_groups = self.param_groups  # read once: under torch.compile each read re-walks every group
@@ -350,12 +134,12 @@ class SGD(Optimizer):
             if buckets is None:  # a plan has checked the grads it holds
                 for i, p in enumerate(group["params"]):
                     if p.grad is not None:
-                        _check_grad(p, p.grad, g, i)
+                        check_grad(p, p.grad, g, i)
         for group, buckets in zip(param_groups, planned):
             self._update_group(group, buckets, grad_scale, found_inf, compiling)
         return loss
 
-    def _update_group(self, group: dict, buckets: Optional[list], grad_scale: Optional[Tensor],
+    def _update_group(self, group: dict, buckets: Optional[list[Bucket]], grad_scale: Optional[Tensor],
                       found_inf: Optional[Tensor], compiling: bool) -> None:
         """One op call per bucket of the group's params: `buckets` from its plan, else collected here."""
         staged: list[tuple[Tensor, Tensor]] = []  # (param, contiguous copy) for non-contiguous params
@@ -366,23 +150,23 @@ class SGD(Optimizer):
         lr = self._hyper_tensor(group, "lr", compiling)
         momentum = self._hyper_tensor(group, "momentum", compiling)
         rounding_seed = group.get("rounding_seed") if group.get("stochastic_rounding") else None
-        for bucket_index, ((_, dtype, kind, first_step), b) in enumerate(buckets):
+        for bucket_index, b in enumerate(buckets):
             # a distinct noise stream per bucket (the kernel's noise is keyed by position in the bucket)
-            seed = rounding_seed + (bucket_index << 32) if rounding_seed is not None and dtype == torch.bfloat16 else None
+            seed = rounding_seed + (bucket_index << 32) if rounding_seed is not None and b.dtype == torch.bfloat16 else None
             common = (lr, momentum, float(group["dampening"]), float(group["weight_decay"]),
-                      bool(group["nesterov"]), bool(group["maximize"]), first_step, grad_scale, found_inf, seed)
+                      bool(group["nesterov"]), bool(group["maximize"]), b.first_step, grad_scale, found_inf, seed)
             # chunked only without a rounding seed: the kernel keys its noise by position in the call
-            n = len(b["params"])
+            n = len(b.params)
             size = _COMPILED_CALL_SIZE if seed is None and compiling else n
             for i in range(0, n, size):
                 j = i + size
-                if kind == "8bit":  # counts the steps too (a skipped step does not count, as in torch's fused optimizers)
-                    ops.sgd8bit_update_(b["params"][i:j], b["grads"][i:j], b["codes"][i:j], b["absmax"][i:j], *common,
-                                        steps=b["steps"][i:j])
+                if b.kind is EIGHT_BIT:  # counts the steps too (a skipped step does not count, as in torch's fused optimizers)
+                    ops.sgd8bit_update_(b.params[i:j], b.grads[i:j], b.codes[i:j], b.absmax[i:j], *common,
+                                        steps=b.steps[i:j])
                 else:
-                    ops.sgd_update_(b["params"][i:j], b["grads"][i:j], b["buffers"][i:j], *common)
+                    ops.sgd_update_(b.params[i:j], b.grads[i:j], b.buffers[i:j], *common)
         for p, work in staged:
-            _local(p).copy_(work)
+            local(p).copy_(work)
         if rounding_seed is not None and buckets:
             rounding_seed.add_(1)  # fresh noise next step
         if created and found_inf is not None and not compiling and bool(found_inf):
@@ -406,122 +190,20 @@ class SGD(Optimizer):
             cached = self._hyper_tensors[key] = (value, _as_tensor(value))
         return cached[1]
 
-    def _collect_buckets(self, group: dict, staged: list, created: list, plan: bool) -> list:
-        """Sorts the group's params with grads into buckets of one op call each: (key, lists) pairs, key =
-        (device, dtype, "fp32" | "8bit" | "none", first_step). Creates missing state (listed in `created`)
-        and contiguous copies of non-contiguous params (in `staged`). With `plan`, remembers the split for
-        later steps where it still applies (_planned_buckets)."""
-        uses_momentum = _uses_momentum(group["momentum"])
-        buckets: dict[tuple, dict[str, list]] = {}
-        param_keys: list[Optional[tuple]] = []  # per param: its bucket's key, None without a grad
-        plannable = plan
-        # traced param by param under torch.compile: .contiguous() only where it makes a copy
-        for p in group["params"]:
-            grad = p.grad
-            if grad is None:
-                param_keys.append(None)
-                continue
-            kind, first_step, state = "none", False, None
-            if uses_momentum:  # without momentum there is no state at all, as in torch
-                state = self.state[p]
-                first_step = not state
-                if first_step:
-                    self._init_state(p, group, state)
-                    created.append(p)
-                kind = "8bit" if "state1" in state else "fp32"
-            # complex params go to the op as they are: it updates (real, imag) pairs, like torch; sharded
-            # (FSDP2) params are updated shard by shard, each rank its own, with no communication
-            work, grad = _local(p), _local(grad)
-            if plannable and (work is not p or type(grad) is not Tensor):
-                plannable = False  # sharded params and tensor-subclass grads take this path every step
-            if not work.is_contiguous():
-                work = work.contiguous()
-                staged.append((p, work))
-            if not grad.is_contiguous():
-                grad = grad.contiguous()
-                plannable = False  # the plan takes grads as they are: it would only fail the next step
-            key = (p.device, work.dtype, kind, first_step)
-            bucket = buckets.get(key)
-            if bucket is None:
-                bucket = buckets[key] = _new_bucket()
-            param_keys.append(key)
-            _add_to_bucket(bucket, kind, work, grad, state)
-        for bucket in buckets.values():  # this rank's shards of DTensor state
-            for name in ("buffers", "codes", "absmax"):
-                bucket[name] = [_local(t) for t in bucket[name]]
-        devices = {key[0] for key in param_keys if key is not None}
-        if plannable and not staged and len(devices) == 1:
-            # for the next steps, which are no param's first: (device, dtype, kind, False) buckets
-            later_keys: dict[tuple, int] = {}
-            slots = tuple(-1 if key is None else later_keys.setdefault(key[:3] + (False,), len(later_keys))
-                          for key in param_keys)
-            params = tuple(group["params"])
-            self._plans[id(group)] = _GroupPlan(
-                group, uses_momentum, params, tuple(p for p, key in zip(params, param_keys) if key is not None),
-                devices.pop(), tuple(None if key is None else key[1] for key in param_keys),
-                tuple(_NO_GRAD if key is None else key[2] for key in param_keys), slots, tuple(later_keys))
+    def _collect_buckets(self, group: dict, staged: list, created: list, plan: bool) -> list[Bucket]:
+        """The full pass (_buckets.collect_buckets); with `plan`, keeps the group's plan for later steps
+        where one applies, and drops a stale one otherwise."""
+        buckets, new_plan = collect_buckets(group, self.state, self._codebook, staged, created, make_plan=plan)
+        if new_plan is not None:
+            self._plans[id(group)] = new_plan
         elif plan:
             self._plans.pop(id(group), None)
-        return list(buckets.items())
+        return buckets
 
-    def _planned_buckets(self, group: dict) -> Optional[list]:
-        """The buckets of _collect_buckets from the group's plan, or None where the plan does not apply.
-
-        Every param is checked each step against what the plan assumed (the same param; still without a
-        grad if it had none, else of the same dtype, on the planned device and contiguous, with a plain
-        contiguous grad of its shape, dtype and device, and state of the planned kind), and the state is
-        read afresh: edits of the group, of ``opt.state`` or of a param's state dict between steps, and bad
-        grads (which _check_grad then reports), fall back to the full path. Shapes, devices and contiguity
-        are checked by one C++ call for all params (ops.grads_fit): asked per param in Python, they were a
-        third of a step's Python work.
-        """
+    def _planned_buckets(self, group: dict) -> Optional[list[Bucket]]:
+        """The group's buckets from its plan, or None where there is none or it does not apply."""
         plan = self._plans.get(id(group))
-        params = group["params"]
-        if (plan is None or plan.group is not group or plan.uses_momentum != _uses_momentum(group["momentum"])
-                or len(params) != len(plan.params)):
-            return None
-        buckets = [_new_bucket() for _ in plan.keys]
-        grads = []
-        state = self.state
-        for p, planned, dtype, kind, slot in zip(params, plan.params, plan.dtypes, plan.kinds, plan.slots):
-            if p is not planned:
-                return None
-            grad = p.grad
-            if kind is _NO_GRAD:  # a param without grad (frozen, say) must still have none
-                if grad is not None:
-                    return None
-                continue
-            if grad is None or type(grad) is not Tensor or p.dtype is not dtype:
-                return None
-            param_state = state.get(p) if kind != "none" else None
-            if kind != "none" and (not param_state or ("state1" in param_state) != (kind == "8bit")):
-                return None  # no state (a first step) or state of the other kind
-            grads.append(grad)
-            _add_to_bucket(buckets[slot], kind, p, grad, param_state)  # plans hold no DTensors
-        # the params with grads are the plan's (each was checked to be its planned param); all on the device
-        # of the first, which must be the plan's
-        updated = plan.updated
-        if updated[0].device != plan.device or not ops.grads_fit(updated, grads):
-            return None
-        return list(zip(plan.keys, buckets))
-
-    # Every torch LR scheduler replaces `opt.step` on the instance with a wrapper (to record that step ran)
-    # that dynamo refuses to trace, so `torch.compile(opt.step, fullgraph=True)` and a compiled training
-    # step calling `opt.step()` would fail once a scheduler exists. Schedulers skip the wrapping when step
-    # is marked as already wrapped; step records `_opt_called` itself, so nothing is lost.
-    step._wrapped_by_lr_sched = True
-    if _RecordFunctionFast is not None:
-        step = _profiled_step(step)
-
-    # Read by the schedulers ("lr_scheduler.step() before optimizer.step()" warning). Kept in a dict because
-    # dynamo replays mutations of a dict but drops attribute writes on an optimizer inside a compiled step.
-    @property
-    def _opt_called(self) -> bool:
-        return self._step_record.get("called", False)
-
-    @_opt_called.setter
-    def _opt_called(self, value: bool) -> None:
-        self._step_record["called"] = value
+        return None if plan is None else planned_buckets(plan, group, self.state)
 
     # ---- state dict ----------------------------------------------------------------------------------
 
@@ -542,7 +224,7 @@ class SGD(Optimizer):
         Momentum is converted to this optimizer's precision (fp32 <-> 8-bit) where they differ. Every key,
         shape and dtype is validated before anything changes; errors name the offending parameter.
         """
-        groups, state = _state.convert_state_dict(self, state_dict)
+        groups, state = _state.convert_state_dict(self.param_groups, state_dict, self._codebook)
         self.__setstate__({"state": state, "param_groups": groups})
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -551,48 +233,10 @@ class SGD(Optimizer):
         self.__dict__.setdefault("_step_record", {})
         self._plans = {}
         self._hyper_tensors = {}
-        self._step_supports_amp_scaling = True
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
             _ensure_rounding_seed(group)
-
-
-class _GroupPlan(NamedTuple):
-    """How a param group's last step was split into op calls (see SGD._planned_buckets): the params that
-    had grads (`updated`) and their device, and per param its dtype, state kind (_NO_GRAD: it had no grad)
-    and bucket (-1 without grad); holds no state tensors, which are read afresh every step. Groups whose
-    params span devices, or none of whose params have a grad, get no plan."""
-    group: dict
-    uses_momentum: bool
-    params: tuple[Tensor, ...]
-    updated: tuple[Tensor, ...]
-    device: torch.device
-    dtypes: tuple[Optional[torch.dtype], ...]
-    kinds: tuple[str, ...]
-    slots: tuple[int, ...]
-    keys: tuple[tuple, ...]
-
-
-_NO_GRAD = "no grad"  # a plan's state kind for a param that had no grad (compared by identity)
-
-
-def _new_bucket() -> dict[str, list]:
-    return {"params": [], "grads": [], "buffers": [], "codes": [], "absmax": [], "steps": []}
-
-
-def _add_to_bucket(bucket: dict[str, list], kind: str, work: Tensor, grad: Tensor, state: Optional[dict]) -> None:
-    """One param's tensors for its op call: the (local) param and grad, and its state by kind ("fp32": the
-    momentum buffer; "8bit": codes, absmax and the step counter; "none": nothing), as they are in `state`
-    (DTensors too: the full pass takes their local shards afterwards, for all params at once)."""
-    bucket["params"].append(work)
-    bucket["grads"].append(grad)
-    if kind == "fp32":
-        bucket["buffers"].append(state["momentum_buffer"])
-    elif kind == "8bit":
-        bucket["codes"].append(state["state1"])
-        bucket["absmax"].append(state["absmax1"])
-        bucket["steps"].append(state["step"])
 
 
 class SGD8bit(SGD):
