@@ -4,6 +4,9 @@
 // grad raises a clear error instead of silently producing results autograd cannot see. (optimizer.step()
 // runs under torch.no_grad(), so training is unaffected.) In-place ops bump the version counters of the
 // tensors they write, so autograd notices if a tensor saved for backward was modified.
+//
+// Not torch's autogradNotImplemented(InplaceOrView)Fallback: it raises only in backward (or check_inplace's
+// leaf error), and bumps the versions of written outputs, where our ops write arguments and return nothing.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
@@ -76,15 +79,18 @@ void bump_versions_of_written(const c10::OperatorHandle& op, c10::DispatchKeySet
 
 }  // namespace
 
+// The kernel ops too, for direct calls; the public ops call them below autograd.
 TORCH_LIBRARY_IMPL(torchsgd8, Autograd, m) {
-  for (const char* op :
-       {"sgd_update_", "sgd8bit_update_", "quantize_blockwise", "dequantize_blockwise"}) {
+  for (const char* op : {"sgd_update_", "sgd8bit_update_", "quantize_blockwise", "dequantize_blockwise",
+                         "_sgd_update_kernel_", "_sgd8bit_update_kernel_", "_quantize_blockwise_kernel_",
+                         "_dequantize_blockwise_kernel_"}) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&reject_requires_grad>());
   }
 }
 
 TORCH_LIBRARY_IMPL(torchsgd8, ADInplaceOrView, m) {
-  for (const char* op : {"sgd_update_", "sgd8bit_update_"}) {
+  for (const char* op : {"sgd_update_", "sgd8bit_update_", "_sgd_update_kernel_", "_sgd8bit_update_kernel_",
+                         "_quantize_blockwise_kernel_", "_dequantize_blockwise_kernel_"}) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&bump_versions_of_written>());
   }
 }

@@ -1,5 +1,5 @@
-// Argument contracts shared by every device's implementation of the ops in ops.cpp. The Python
-// optimizers validate user input with friendlier messages first; these checks guard direct op calls.
+// The ops' argument checks (op_contract.cpp runs them for every device). The Python optimizers validate user
+// input with friendlier messages first; these checks guard direct op calls.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -31,10 +31,60 @@ inline std::vector<at::Tensor> as_real(at::TensorList tensors) {
   return out;
 }
 
-inline double read_hyperparameter(const at::Tensor& t, const char* name) {
+// The hyperparameter arguments of an update op, as the op received them.
+struct UpdateHyper {
+  const at::Tensor& lr;
+  const at::Tensor& momentum;
+  double dampening;
+  double weight_decay;
+  bool nesterov;
+  bool maximize;
+  bool first_step;
+  const std::optional<at::Tensor>& grad_scale;
+  const std::optional<at::Tensor>& found_inf;
+  const std::optional<at::Tensor>& rounding_seed;
+};
+
+// Where a tensor hyperparameter (a one-element tensor) may live: on the CPU where the kernels read its
+// value on the host (values_on_host); else on the CPU or on the params' device.
+inline bool hyperparameter_device_fits(const at::Tensor& t, at::TensorList params, bool values_on_host) {
+  return t.device().is_cpu() || (!values_on_host && (params.empty() || t.device() == params[0].device()));
+}
+
+// "CPU tensor", or where the params are not on the CPU and cpu_only is false, "tensor on the CPU or on <device>"
+// (for messages).
+inline std::string cpu_or_params_device(at::TensorList params, bool cpu_only) {
+  return cpu_only || params.empty() || params[0].device().is_cpu()
+             ? std::string("CPU tensor")
+             : "tensor on the CPU or on " + params[0].device().str();
+}
+
+inline void check_hyperparameter(const at::Tensor& t, const char* name, at::TensorList params, bool values_on_host) {
   TORCH_CHECK(t.numel() == 1, "torchsgd8: ", name, " must be a 1-element tensor, got shape ", t.sizes());
-  TORCH_CHECK(t.device().is_cpu(), "torchsgd8: ", name, " must be a CPU tensor, got ", t.device());
-  return t.item().toDouble();
+  TORCH_CHECK(hyperparameter_device_fits(t, params, values_on_host), "torchsgd8: ", name, " must be a ",
+              cpu_or_params_device(params, values_on_host), ", got ", t.device());
+}
+
+// lr, momentum, grad_scale, rounding_seed and found_inf, in this order: found_inf last, so a skipped step
+// still validates every argument.
+inline void check_hyperparameters(at::TensorList params, const UpdateHyper& h, bool values_on_host) {
+  check_hyperparameter(h.lr, "lr", params, values_on_host);
+  check_hyperparameter(h.momentum, "momentum", params, values_on_host);
+  if (h.grad_scale.has_value()) {
+    check_hyperparameter(*h.grad_scale, "grad_scale", params, values_on_host);
+  }
+  if (h.rounding_seed.has_value()) {
+    const at::Tensor& seed = *h.rounding_seed;
+    TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong &&
+                    hyperparameter_device_fits(seed, params, values_on_host),
+                "torchsgd8: rounding_seed must be a 1-element int64 ", cpu_or_params_device(params, values_on_host));
+    TORCH_CHECK(params.empty() || params[0].scalar_type() == at::kBFloat16,
+                "torchsgd8: stochastic rounding (rounding_seed) applies to bfloat16 params, got ",
+                params[0].scalar_type());
+  }
+  if (h.found_inf.has_value()) {
+    check_hyperparameter(*h.found_inf, "found_inf", params, values_on_host);
+  }
 }
 
 // Why grad g cannot update a contiguous param p in place (kNone: it can): it must be dense (strided)
@@ -135,9 +185,11 @@ inline std::vector<BlockLayout> check_codes_and_absmax(at::TensorList params, at
   return layouts;
 }
 
-// The 8-bit state's step counters: none, or one per param, each a one-element float32 CPU tensor (as
-// bitsandbytes keeps them; counting on the host needs no device work).
-inline void check_step_counters(at::TensorList params, const std::optional<at::TensorList>& steps) {
+// The 8-bit state's step counters: none, or one per param, each a one-element float32 tensor on the CPU (as
+// bitsandbytes keeps them) or on the params' device. A step is counted where found_inf is: counters on the
+// CPU cannot count a skip decided by found_inf on another device without waiting for it.
+inline void check_step_counters(at::TensorList params, const std::optional<at::TensorList>& steps,
+                                const std::optional<at::Tensor>& found_inf) {
   if (!steps.has_value()) {
     return;
   }
@@ -145,43 +197,15 @@ inline void check_step_counters(at::TensorList params, const std::optional<at::T
               " steps");
   for (size_t i = 0; i < steps->size(); ++i) {
     const at::Tensor& step = (*steps)[i];
-    TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kFloat && step.device().is_cpu(),
-                "torchsgd8: steps[", i, "] must be a one-element float32 CPU tensor; got ", step.scalar_type(),
-                " of ", step.numel(), " elements on ", step.device());
+    TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kFloat &&
+                    (step.device().is_cpu() || step.device() == params[0].device()),
+                "torchsgd8: steps[", i, "] must be a one-element float32 ",
+                cpu_or_params_device(params, /*cpu_only=*/false), "; got ", step.scalar_type(), " of ", step.numel(),
+                " elements on ", step.device());
+    TORCH_CHECK(!found_inf.has_value() || found_inf->device().is_cpu() || step.device() == found_inf->device(),
+                "torchsgd8: steps[", i, "] must be on ", found_inf->device(),
+                ", found_inf's device (a CPU counter would have to wait for found_inf); got ", step.device());
   }
-}
-
-// Reads the hyperparameters once per call. Returns false when found_inf says to skip the step.
-inline bool read_hyper(const at::Tensor& lr, const at::Tensor& momentum, double dampening,
-                       double weight_decay, bool nesterov, bool maximize, bool first_step,
-                       bool use_momentum, const std::optional<at::Tensor>& grad_scale,
-                       const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& rounding_seed,
-                       at::TensorList params, SgdHyper<double>& h) {
-  h.lr = read_hyperparameter(lr, "lr");
-  h.momentum = read_hyperparameter(momentum, "momentum");
-  h.dampening_complement = 1.0 - dampening;
-  h.weight_decay = weight_decay;
-  h.unscale = grad_scale.has_value();
-  h.grad_scale = h.unscale ? read_hyperparameter(*grad_scale, "grad_scale") : 1.0;
-  // a momentum tensor whose value is 0 means plain SGD, as torch.optim.SGD decides by value: the buffer
-  // is neither read nor written
-  h.use_momentum = use_momentum && h.momentum != 0.0;
-  h.first_step = first_step;
-  h.nesterov = nesterov;
-  h.maximize = maximize;
-  h.stochastic_rounding = rounding_seed.has_value();
-  h.rounding_seed = 0;
-  if (h.stochastic_rounding) {
-    TORCH_CHECK(rounding_seed->numel() == 1 && rounding_seed->scalar_type() == at::kLong &&
-                    rounding_seed->device().is_cpu(),
-                "torchsgd8: rounding_seed must be a 1-element int64 CPU tensor");
-    TORCH_CHECK(params.empty() || params[0].scalar_type() == at::kBFloat16,
-                "torchsgd8: stochastic rounding (rounding_seed) applies to bfloat16 params, got ",
-                params[0].scalar_type());
-    h.rounding_seed = static_cast<uint64_t>(rounding_seed->item<int64_t>());
-  }
-  // Checked last, so a skipped step still validates every argument.
-  return !(found_inf.has_value() && read_hyperparameter(*found_inf, "found_inf") != 0.0);
 }
 
 }  // namespace torchsgd8

@@ -1,5 +1,6 @@
-// The public API of torchsgd8: every op schema, in one table. Kernels live in csrc/<device>/,
-// fake (meta) implementations in torchsgd8/ops.py.
+// The public API of torchsgd8: every op schema, in one table. What the ops do on every device is written
+// once in op_contract.cpp, which calls each device's kernels: the compiled CPU kernels (csrc/cpu/), or the
+// kernel ops at the end of this table. Fake (meta) implementations are in torchsgd8/ops.py.
 //
 // Conventions: ops ending in `_` update their `(a!)` arguments in place and return nothing. Hyper-
 // parameters that schedules change every step (lr, momentum) are 0-dim tensors, so a compiled step
@@ -8,66 +9,7 @@
 // GradScaler protocol of torch's fused optimizers: grads are divided by grad_scale, and when found_inf
 // is nonzero nothing at all is changed. `rounding_seed` (an int64 0-dim tensor; bf16 params only)
 // turns on stochastic rounding of the new params, reproducible for a given seed.
-#include <Python.h>
-#include <c10/util/Exception.h>
 #include <torch/library.h>
-
-#include <exception>
-
-#include "cpu/kernels.h"
-
-namespace {
-// A C++ exception must not cross the C API (it would abort the interpreter): raise RuntimeError instead.
-template <typename Fn>
-PyObject* python_result(const Fn& fn) {
-  try {
-    return fn();
-  } catch (const c10::Error& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
-  }
-  return nullptr;
-}
-
-// Build facts for `python -m torchsgd8`; the ops themselves are reached through torch.ops.torchsgd8.
-// The CPU ones read TORCHSGD8_CPU_ISA / _PREFETCH / _GATHER, which may be invalid.
-PyObject* cpu_isa(PyObject*, PyObject*) {
-  return python_result([] { return PyUnicode_FromString(torchsgd8::cpu::kernels().isa); });
-}
-PyObject* cpu_prefetch(PyObject*, PyObject*) {
-  return python_result([] { return PyBool_FromLong(torchsgd8::cpu::prefetch_ahead()); });
-}
-PyObject* cpu_gather(PyObject*, PyObject*) {
-  return python_result([] { return PyBool_FromLong(torchsgd8::cpu::gather_table_reads()); });
-}
-PyObject* cuda_kernels_compiled(PyObject*, PyObject*) {
-#if defined(TORCHSGD8_WITH_CUDA)
-  Py_RETURN_TRUE;
-#else
-  Py_RETURN_FALSE;
-#endif
-}
-PyObject* built_against_torch(PyObject*, PyObject*) {
-  return PyUnicode_FromString(TORCHSGD8_TORCH_VERSION);
-}
-PyMethodDef module_methods[] = {
-    {"built_against_torch", built_against_torch, METH_NOARGS, "torch version this library was compiled against."},
-    {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set of the CPU kernels in use (DEFAULT, AVX2 or AVX512)."},
-    {"cpu_prefetch", cpu_prefetch, METH_NOARGS, "Whether the CPU kernels prefetch ahead in software (8-bit state; 16-bit params)."},
-    {"cpu_gather", cpu_gather, METH_NOARGS, "Whether the AVX2 kernels read tables by gathers, not scalar loads."},
-    {"cuda_kernels_compiled", cuda_kernels_compiled, METH_NOARGS, "Whether CUDA kernels are built in."},
-    {nullptr, nullptr, 0, nullptr}};
-}  // namespace
-
-extern "C" {
-// `import torchsgd8._C` loads this shared library (and so runs the registrations below). Built against
-// the stable ABI, so one wheel serves every CPython >= 3.9.
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, module_methods};
-  return PyModule_Create(&module_def);
-}
-}
 
 TORCH_LIBRARY(torchsgd8, m) {
   // fp32-precision momentum (buffers in the param dtype, like torch.optim.SGD); momentum_buffers is
@@ -81,8 +23,8 @@ TORCH_LIBRARY(torchsgd8, m) {
   // 8-bit momentum: per param, uint8 codes (param's shape) and float32 absmax, one per 256-element
   // block: a vector for the flat layout, a (rows, blocks per row) matrix for blocks within each index of
   // dim 0 (quant.h, BlockLayout). Dequantize, update, requantize each block in one pass. steps, if given:
-  // the state's step counters (one-element float32 CPU tensors, one per param), each += 1 unless found_inf
-  // is nonzero (a step the GradScaler skips does not count). Counting here spares each step an op call of
+  // the state's step counters (one-element float32 tensors, one per param, on the CPU or on the params'
+  // device), each += 1 unless found_inf is nonzero (a step the GradScaler skips does not count). Counting here spares each step an op call of
   // its own, whose dispatch costs tens of microseconds when a backward pass has left the caches cold.
   m.def(
       "sgd8bit_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] codes, Tensor(c!)[] absmax, "
@@ -97,4 +39,37 @@ TORCH_LIBRARY(torchsgd8, m) {
   m.def("quantize_blockwise(Tensor values, bool per_row=False) -> (Tensor codes, Tensor absmax)");
   // (codes, absmax) -> values of dtype `dtype` and codes' shape; absmax's shape gives the layout
   m.def("dequantize_blockwise(Tensor codes, Tensor absmax, ScalarType dtype) -> Tensor");
+
+  // ---- kernel ops: the kernels of devices whose kernels are not C++ ----
+  // One per public op; the public ops call them on CUDA and XPU (and on the CPU where a kernel is registered
+  // for it, which only tests do). An implementation registers for its exact dispatch key, e.g.
+  // torch.library.impl("torchsgd8::_sgd8bit_update_kernel_", "CUDA"), and may rely on, and must do, this:
+  //  * Arguments are checked as for the public op, complex params, grads and buffers are viewed as real, and
+  //    params are never empty. lr, momentum, grad_scale, found_inf and rounding_seed are passed as the public
+  //    op got them: one-element tensors on the params' device or on the CPU. Read none on the host: a device
+  //    tensor's value would wait for the device, and a value read while a CUDA graph is captured would be
+  //    replayed unchanged.
+  //  * found_inf nonzero: write nothing at all. The public op then turns a first step's state into empty
+  //    momentum and leaves the step counters alone; it counts the steps in every other case.
+  //  * first_step: the state is output only (uninitialised memory): buffer = d, never read.
+  //  * momentum value 0 (read on the device): plain SGD. _sgd_update_kernel_ neither reads nor writes the
+  //    buffers (the public op zeroes a first step's); _sgd8bit_update_kernel_ writes the state as the CPU
+  //    kernels do (a first step's all zero: codes 127, absmax 0; otherwise the old buffer requantized).
+  //  * The rule of csrc/sgd_rule.h and the codebook, nearest code and block layouts of csrc/quant.h (their
+  //    tables: torchsgd8._C.quant_tables()); absmax's shape gives the layout, a vector flat blocks, a
+  //    (rows, blocks per row) matrix blocks within each index of dim 0.
+  //  * rounding_seed (int64; bf16 params only): the new params are rounded stochastically, with the noise of
+  //    sgd_rule.h's rounding_noise(seed, index of the tensor in the list, index of the element in it).
+  m.def(
+      "_sgd_update_kernel_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor lr, "
+      "Tensor momentum, float dampening, float weight_decay, bool nesterov, bool maximize, bool first_step, "
+      "Tensor? grad_scale, Tensor? found_inf, Tensor? rounding_seed) -> ()");
+  m.def(
+      "_sgd8bit_update_kernel_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] codes, Tensor(c!)[] absmax, "
+      "Tensor lr, Tensor momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
+      "bool first_step, Tensor? grad_scale, Tensor? found_inf, Tensor? rounding_seed) -> ()");
+  // values (contiguous) -> codes, absmax, both allocated by the public op with their final shapes
+  m.def("_quantize_blockwise_kernel_(Tensor values, Tensor(a!) codes, Tensor(b!) absmax) -> ()");
+  // codes, absmax (contiguous) -> out, allocated by the public op with the requested dtype
+  m.def("_dequantize_blockwise_kernel_(Tensor codes, Tensor absmax, Tensor(a!) out) -> ()");
 }

@@ -16,8 +16,7 @@ def main() -> None:
     print(f"python    {platform.python_version()} on {platform.machine()}")
     print(f"ops       {', '.join(ops)}")
     print(f"kernels   CPU: {_C.cpu_isa()} ({torch.get_num_threads()} threads, prefetch "
-          f"{'on' if _C.cpu_prefetch() else 'off'}, AVX2 gathers {'on' if _C.cpu_gather() else 'off'}); "
-          f"CUDA: {'yes' if _C.cuda_kernels_compiled() else 'no (not compiled in)'}")
+          f"{'on' if _C.cpu_prefetch() else 'off'}, AVX2 gathers {'on' if _C.cpu_gather() else 'off'})")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-// CPU kernel entry points. sgd_kernels.cpp is compiled once per instruction set (see CMakeLists.txt),
-// each copy in its own namespace; sgd_cpu.cpp picks one at run time.
+// The CPU kernels' entry points. sgd_kernels.cpp is compiled once per instruction set (see CMakeLists.txt),
+// each copy in its own namespace; kernel_selection.cpp picks one at run time.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,6 +11,8 @@
 
 namespace torchsgd8::cpu {
 
+// One kernel set. The ops (csrc/op_contract.cpp) call these with checked arguments, complex tensors viewed
+// as real, hyperparameters read on the host; a skipped step (found_inf) never reaches them.
 struct KernelTable {
   const char* isa;
   void (*sgd_update)(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
