@@ -45,19 +45,19 @@ TABLE_WIDTH = tl.constexpr(10)
 
 @triton.jit
 def _program_unit(program_tensor, tensor_table):
-    """(tensor index, its table row, this program's unit index within the tensor)."""
+    """(tensor index, its entry: a pointer to its row of the table, this program's unit index in the tensor)."""
     pid = tl.program_id(0)
     tensor = tl.load(program_tensor + pid)
-    row = tensor_table + tensor.to(tl.int64) * TABLE_WIDTH
-    unit = pid.to(tl.int64) - tl.load(row + FIRST_PROGRAM)
-    return tensor, row, unit
+    entry = tensor_table + tensor.to(tl.int64) * TABLE_WIDTH
+    unit = pid.to(tl.int64) - tl.load(entry + FIRST_PROGRAM)
+    return tensor, entry, unit
 
 
 @triton.jit
-def _typed_pointer(row, column, STORAGE: tl.constexpr, ALIGNED: tl.constexpr):
+def _typed_pointer(entry, column, STORAGE: tl.constexpr, ALIGNED: tl.constexpr):
     """The address in the table as a pointer to STORAGE; ALIGNED: the launcher checked that every address of
     the call is a multiple of 16 bytes, which lets the compiler use 16-byte loads and stores."""
-    pointer = tl.load(row + column).to(tl.pointer_type(STORAGE))
+    pointer = tl.load(entry + column).to(tl.pointer_type(STORAGE))
     if ALIGNED:
         pointer = tl.multiple_of(pointer, 16)
     return pointer
@@ -209,19 +209,19 @@ def _sgd_update_tile(param_ptr, grad_ptr, buf_ptr, offsets, mask, lr, momentum, 
 
 
 @triton.jit
-def _sgd_update_unit(row, unit, tensor, lr, momentum, dampening_complement, weight_decay, grad_scale, seed_ptr,
+def _sgd_update_unit(entry, unit, tensor, lr, momentum, dampening_complement, weight_decay, grad_scale, seed_ptr,
                      STORAGE: tl.constexpr, ACC: tl.constexpr, MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
                      WEIGHT_DECAY: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
                      ALIGNED: tl.constexpr, UPDATE_CHUNK: tl.constexpr):
     """Updates elements [unit * UPDATE_CHUNK, (unit + 1) * UPDATE_CHUNK) of the tensor (fewer at its end)."""
     start = unit * UPDATE_CHUNK
-    param_ptr = _typed_pointer(row, PARAM, STORAGE, ALIGNED) + start
-    grad_ptr = _typed_pointer(row, GRAD, STORAGE, ALIGNED) + start
+    param_ptr = _typed_pointer(entry, PARAM, STORAGE, ALIGNED) + start
+    grad_ptr = _typed_pointer(entry, GRAD, STORAGE, ALIGNED) + start
     buf_ptr = None
     if MOMENTUM:
-        buf_ptr = _typed_pointer(row, STATE, STORAGE, ALIGNED) + start
+        buf_ptr = _typed_pointer(entry, STATE, STORAGE, ALIGNED) + start
     offsets = tl.arange(0, UPDATE_CHUNK)
-    remaining = tl.load(row + NUMEL) - start
+    remaining = tl.load(entry + NUMEL) - start
     if remaining >= UPDATE_CHUNK:
         _sgd_update_tile(param_ptr, grad_ptr, buf_ptr, offsets, None, lr, momentum, dampening_complement,
                          weight_decay, grad_scale, seed_ptr, tensor, start, ACC, MOMENTUM, MAXIMIZE, WEIGHT_DECAY,
@@ -244,7 +244,7 @@ def sgd_update_kernel(tensor_table, program_tensor, lr_ptr, momentum_ptr, consta
     if found_inf_ptr is not None:
         runs = tl.load(found_inf_ptr) == 0  # nonzero: the GradScaler skips the step, nothing is written
     if runs:
-        tensor, row, unit = _program_unit(program_tensor, tensor_table)
+        tensor, entry, unit = _program_unit(program_tensor, tensor_table)
         lr, momentum, momentum_is_nonzero, dampening_complement, weight_decay = _hyperparameters(
             lr_ptr, momentum_ptr, constants_ptr, ACC)
         grad_scale = None
@@ -252,15 +252,15 @@ def sgd_update_kernel(tensor_table, program_tensor, lr_ptr, momentum_ptr, consta
             grad_scale = tl.load(grad_scale_ptr).to(ACC)
         if HAS_MOMENTUM:
             if momentum_is_nonzero:
-                _sgd_update_unit(row, unit, tensor, lr, momentum, dampening_complement, weight_decay, grad_scale,
+                _sgd_update_unit(entry, unit, tensor, lr, momentum, dampening_complement, weight_decay, grad_scale,
                                  seed_ptr, STORAGE, ACC, True, MAXIMIZE, WEIGHT_DECAY, FIRST_STEP, NESTEROV,
                                  ALIGNED, UPDATE_CHUNK)
             else:
-                _sgd_update_unit(row, unit, tensor, lr, momentum, dampening_complement, weight_decay, grad_scale,
+                _sgd_update_unit(entry, unit, tensor, lr, momentum, dampening_complement, weight_decay, grad_scale,
                                  seed_ptr, STORAGE, ACC, False, MAXIMIZE, WEIGHT_DECAY, FIRST_STEP, NESTEROV,
                                  ALIGNED, UPDATE_CHUNK)
         else:
-            _sgd_update_unit(row, unit, tensor, lr, momentum, dampening_complement, weight_decay, grad_scale,
+            _sgd_update_unit(entry, unit, tensor, lr, momentum, dampening_complement, weight_decay, grad_scale,
                              seed_ptr, STORAGE, ACC, False, MAXIMIZE, WEIGHT_DECAY, FIRST_STEP, NESTEROV, ALIGNED,
                              UPDATE_CHUNK)
 
@@ -307,16 +307,16 @@ def _quantize_tile(values, absmax, bucket_table, ZERO_CODE: tl.constexpr, BUCKET
 
 
 @triton.jit
-def _unit_tile(row, unit, BLOCKS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def _unit_tile(entry, unit, BLOCKS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """Where the BLOCKS blocks of a masked unit lie: (first element, offsets of the tile's elements from it,
     element mask, block mask). Tile row j is block unit * BLOCKS + j: its elements start at
     (block // blocks_per_row) * row_length + (block % blocks_per_row) * BLOCK_SIZE and number
     min(BLOCK_SIZE, row_length - (block % blocks_per_row) * BLOCK_SIZE); rows past the tensor's last block
     are masked out."""
-    row_length = tl.load(row + ROW_LENGTH)
-    blocks_per_row = tl.load(row + BLOCKS_PER_ROW)
+    row_length = tl.load(entry + ROW_LENGTH)
+    blocks_per_row = tl.load(entry + BLOCKS_PER_ROW)
     block = unit * BLOCKS + tl.arange(0, BLOCKS).to(tl.int64)
-    block_mask = block < tl.load(row + NUM_BLOCKS)
+    block_mask = block < tl.load(entry + NUM_BLOCKS)
     index_in_row = block % blocks_per_row
     block_start = (block // blocks_per_row) * row_length + index_in_row * BLOCK_SIZE
     block_size = tl.minimum(row_length - index_in_row * BLOCK_SIZE, BLOCK_SIZE).to(tl.int32)
@@ -361,17 +361,17 @@ def _sgd8bit_tile(param_ptr, grad_ptr, code_ptr, absmax_ptr, offsets, mask, bloc
 
 
 @triton.jit
-def _sgd8bit_unit(row, unit, tensor, qmap, bucket_table, lr, momentum, dampening_complement, weight_decay,
+def _sgd8bit_unit(entry, unit, tensor, qmap, bucket_table, lr, momentum, dampening_complement, weight_decay,
                   grad_scale, seed_ptr, STORAGE: tl.constexpr, MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
                   WEIGHT_DECAY: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
                   ALIGNED: tl.constexpr, BLOCKS: tl.constexpr, BLOCK_SIZE: tl.constexpr, ZERO_CODE: tl.constexpr,
                   BUCKET_SHIFT: tl.constexpr, BUCKET_OFFSET: tl.constexpr, NUM_BUCKETS: tl.constexpr):
     """Updates blocks [unit * BLOCKS, (unit + 1) * BLOCKS) of the tensor (fewer at its end)."""
-    param_ptr = _typed_pointer(row, PARAM, STORAGE, ALIGNED)
-    grad_ptr = _typed_pointer(row, GRAD, STORAGE, ALIGNED)
-    code_ptr = _typed_pointer(row, STATE, tl.uint8, ALIGNED)
-    absmax_ptr = tl.load(row + ABSMAX).to(tl.pointer_type(tl.float32)) + unit * BLOCKS
-    if (unit + 1) * BLOCKS <= tl.load(row + REGULAR_BLOCKS):
+    param_ptr = _typed_pointer(entry, PARAM, STORAGE, ALIGNED)
+    grad_ptr = _typed_pointer(entry, GRAD, STORAGE, ALIGNED)
+    code_ptr = _typed_pointer(entry, STATE, tl.uint8, ALIGNED)
+    absmax_ptr = tl.load(entry + ABSMAX).to(tl.pointer_type(tl.float32)) + unit * BLOCKS
+    if (unit + 1) * BLOCKS <= tl.load(entry + REGULAR_BLOCKS):
         start = unit * (BLOCKS * BLOCK_SIZE)
         _sgd8bit_tile(param_ptr + start, grad_ptr + start, code_ptr + start, absmax_ptr,
                       _regular_tile(BLOCKS, BLOCK_SIZE), None, None, qmap, bucket_table, lr, momentum,
@@ -379,7 +379,7 @@ def _sgd8bit_unit(row, unit, tensor, qmap, bucket_table, lr, momentum, dampening
                       WEIGHT_DECAY, FIRST_STEP, NESTEROV, BLOCKS, ZERO_CODE, BUCKET_SHIFT, BUCKET_OFFSET,
                       NUM_BUCKETS)
     else:
-        start, offsets, mask, block_mask = _unit_tile(row, unit, BLOCKS, BLOCK_SIZE)
+        start, offsets, mask, block_mask = _unit_tile(entry, unit, BLOCKS, BLOCK_SIZE)
         _sgd8bit_tile(param_ptr + start, grad_ptr + start, code_ptr + start, absmax_ptr, offsets, mask,
                       block_mask, qmap, bucket_table, lr, momentum, dampening_complement, weight_decay, grad_scale,
                       seed_ptr, tensor, start, MOMENTUM, MAXIMIZE, WEIGHT_DECAY, FIRST_STEP, NESTEROV, BLOCKS,
@@ -399,18 +399,18 @@ def sgd8bit_update_kernel(tensor_table, program_tensor, qmap, bucket_table, lr_p
     if found_inf_ptr is not None:
         runs = tl.load(found_inf_ptr) == 0  # nonzero: the GradScaler skips the step, nothing is written
     if runs:
-        tensor, row, unit = _program_unit(program_tensor, tensor_table)
+        tensor, entry, unit = _program_unit(program_tensor, tensor_table)
         lr, momentum, momentum_is_nonzero, dampening_complement, weight_decay = _hyperparameters(
             lr_ptr, momentum_ptr, constants_ptr, tl.float32)
         grad_scale = None
         if grad_scale_ptr is not None:
             grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
         if momentum_is_nonzero:
-            _sgd8bit_unit(row, unit, tensor, qmap, bucket_table, lr, momentum, dampening_complement, weight_decay,
+            _sgd8bit_unit(entry, unit, tensor, qmap, bucket_table, lr, momentum, dampening_complement, weight_decay,
                           grad_scale, seed_ptr, STORAGE, True, MAXIMIZE, WEIGHT_DECAY, FIRST_STEP, NESTEROV,
                           ALIGNED, BLOCKS, BLOCK_SIZE, ZERO_CODE, BUCKET_SHIFT, BUCKET_OFFSET, NUM_BUCKETS)
         else:
-            _sgd8bit_unit(row, unit, tensor, qmap, bucket_table, lr, momentum, dampening_complement, weight_decay,
+            _sgd8bit_unit(entry, unit, tensor, qmap, bucket_table, lr, momentum, dampening_complement, weight_decay,
                           grad_scale, seed_ptr, STORAGE, False, MAXIMIZE, WEIGHT_DECAY, FIRST_STEP, NESTEROV,
                           ALIGNED, BLOCKS, BLOCK_SIZE, ZERO_CODE, BUCKET_SHIFT, BUCKET_OFFSET, NUM_BUCKETS)
 
@@ -432,16 +432,16 @@ def quantize_blockwise_kernel(tensor_table, program_tensor, bucket_table,
                               BLOCK_SIZE: tl.constexpr, ZERO_CODE: tl.constexpr, BUCKET_SHIFT: tl.constexpr,
                               BUCKET_OFFSET: tl.constexpr, NUM_BUCKETS: tl.constexpr):
     """values -> codes, absmax; each program quantizes BLOCKS consecutive blocks."""
-    tensor, row, unit = _program_unit(program_tensor, tensor_table)
-    values_ptr = _typed_pointer(row, PARAM, STORAGE, ALIGNED)
-    code_ptr = _typed_pointer(row, STATE, tl.uint8, ALIGNED)
-    absmax_ptr = tl.load(row + ABSMAX).to(tl.pointer_type(tl.float32)) + unit * BLOCKS
-    if (unit + 1) * BLOCKS <= tl.load(row + REGULAR_BLOCKS):
+    tensor, entry, unit = _program_unit(program_tensor, tensor_table)
+    values_ptr = _typed_pointer(entry, PARAM, STORAGE, ALIGNED)
+    code_ptr = _typed_pointer(entry, STATE, tl.uint8, ALIGNED)
+    absmax_ptr = tl.load(entry + ABSMAX).to(tl.pointer_type(tl.float32)) + unit * BLOCKS
+    if (unit + 1) * BLOCKS <= tl.load(entry + REGULAR_BLOCKS):
         start = unit * (BLOCKS * BLOCK_SIZE)
         _quantize_unit(values_ptr + start, code_ptr + start, absmax_ptr, _regular_tile(BLOCKS, BLOCK_SIZE), None,
                        None, bucket_table, BLOCKS, ZERO_CODE, BUCKET_SHIFT, BUCKET_OFFSET, NUM_BUCKETS)
     else:
-        start, offsets, mask, block_mask = _unit_tile(row, unit, BLOCKS, BLOCK_SIZE)
+        start, offsets, mask, block_mask = _unit_tile(entry, unit, BLOCKS, BLOCK_SIZE)
         _quantize_unit(values_ptr + start, code_ptr + start, absmax_ptr, offsets, mask, block_mask, bucket_table,
                        BLOCKS, ZERO_CODE, BUCKET_SHIFT, BUCKET_OFFSET, NUM_BUCKETS)
 
@@ -458,14 +458,14 @@ def dequantize_blockwise_kernel(tensor_table, program_tensor, qmap,
                                 STORAGE: tl.constexpr, ALIGNED: tl.constexpr, BLOCKS: tl.constexpr,
                                 BLOCK_SIZE: tl.constexpr):
     """(codes, absmax) -> out = qmap[code] * absmax (one float32 rounding), stored in out's dtype."""
-    tensor, row, unit = _program_unit(program_tensor, tensor_table)
-    out_ptr = _typed_pointer(row, PARAM, STORAGE, ALIGNED)
-    code_ptr = _typed_pointer(row, STATE, tl.uint8, ALIGNED)
-    absmax_ptr = tl.load(row + ABSMAX).to(tl.pointer_type(tl.float32)) + unit * BLOCKS
-    if (unit + 1) * BLOCKS <= tl.load(row + REGULAR_BLOCKS):
+    tensor, entry, unit = _program_unit(program_tensor, tensor_table)
+    out_ptr = _typed_pointer(entry, PARAM, STORAGE, ALIGNED)
+    code_ptr = _typed_pointer(entry, STATE, tl.uint8, ALIGNED)
+    absmax_ptr = tl.load(entry + ABSMAX).to(tl.pointer_type(tl.float32)) + unit * BLOCKS
+    if (unit + 1) * BLOCKS <= tl.load(entry + REGULAR_BLOCKS):
         start = unit * (BLOCKS * BLOCK_SIZE)
         _dequantize_unit(code_ptr + start, absmax_ptr, out_ptr + start, _regular_tile(BLOCKS, BLOCK_SIZE), None,
                          None, qmap, BLOCKS)
     else:
-        start, offsets, mask, block_mask = _unit_tile(row, unit, BLOCKS, BLOCK_SIZE)
+        start, offsets, mask, block_mask = _unit_tile(entry, unit, BLOCKS, BLOCK_SIZE)
         _dequantize_unit(code_ptr + start, absmax_ptr, out_ptr + start, offsets, mask, block_mask, qmap, BLOCKS)

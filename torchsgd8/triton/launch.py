@@ -64,32 +64,43 @@ def quant_tables() -> dict:
 
 
 class _LruCache:
-    """A bounded map from keys to values built on a miss; least recently used entries go first."""
+    """A bounded map from keys to values built on a miss; least recently used entries go first, except those
+    asked to be kept: a CUDA graph captured with a value's tables reads them at every replay."""
 
     def __init__(self, capacity: int):
         self._capacity = capacity
         self._entries: collections.OrderedDict = collections.OrderedDict()
+        self._kept: dict = {}
         self._lock = threading.Lock()
 
-    def get(self, key, build: Callable):
+    def get(self, key, build: Callable, keep: bool = False):
         with self._lock:
-            value = self._entries.get(key)
+            value = self._kept.get(key)
+            if value is None:
+                value = self._entries.get(key)
+                if value is not None:
+                    self._entries.move_to_end(key)
             if value is not None:
-                self._entries.move_to_end(key)
+                if keep:
+                    self._kept[key] = self._entries.pop(key, value)
                 return value
         value = build()
         with self._lock:
-            self._entries[key] = value
-            while len(self._entries) > self._capacity:
-                self._entries.popitem(last=False)
+            if keep:
+                self._kept[key] = value
+            else:
+                self._entries[key] = value
+                while len(self._entries) > self._capacity:
+                    self._entries.popitem(last=False)
         return value
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._kept.clear()
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries) + len(self._kept)
 
 
 _plans = _LruCache(CACHE_ENTRIES)
@@ -97,10 +108,18 @@ _constants = _LruCache(CACHE_ENTRIES)
 _codecs = _LruCache(64)
 
 
-def _to_device(host: Tensor, device: torch.device) -> Tensor:
+def _capturing(device: torch.device) -> bool:
+    """Whether the current stream is capturing a CUDA graph: the tables then stay cached for good."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _upload(host: Tensor, device: torch.device) -> tuple[Tensor, Optional[Tensor]]:
+    """(host's data on the device, the pinned host copy it came from). The copy does not wait; keeping the host
+    copy with the device one keeps a copy captured into a CUDA graph valid at every replay."""
     if device.type == "cpu":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
+        return host, None
+    pinned = host.pin_memory()
+    return pinned.to(device, non_blocking=True), pinned
 
 
 def _on(tensor: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
@@ -124,6 +143,7 @@ class _Codec(NamedTuple):
     zero_code: int
     bucket_shift: int
     bucket_offset: int
+    host_copies: tuple  # see _upload
 
 
 def _codec(device: torch.device) -> _Codec:
@@ -131,17 +151,18 @@ def _codec(device: torch.device) -> _Codec:
         tables = quant_tables()
         qmap = torch.frombuffer(bytearray(tables["signed_dynamic_map"]), dtype=torch.float32)
         buckets = torch.frombuffer(bytearray(tables["bucket_table"]), dtype=torch.int32)
-        return _Codec(_to_device(qmap, device), _to_device(buckets, device), tables["block_size"],
-                      tables["zero_code"], tables["bucket_shift"], tables["bucket_offset"])
+        (qmap, qmap_host), (buckets, buckets_host) = _upload(qmap, device), _upload(buckets, device)
+        return _Codec(qmap, buckets, tables["block_size"], tables["zero_code"], tables["bucket_shift"],
+                      tables["bucket_offset"], (qmap_host, buckets_host))
 
-    return _codecs.get(device, build)
+    return _codecs.get(device, build, keep=True)
 
 
 def _rule_constants(device: torch.device, dampening: float, weight_decay: float) -> Tensor:
     """float64 [1 - dampening, weight_decay] on the device: the kernels narrow them to their accumulation type
     as the CPU kernels do (a float kernel argument would be float32, too narrow for float64 params)."""
-    return _constants.get((device, dampening, weight_decay), lambda: _to_device(
-        torch.tensor([1.0 - dampening, weight_decay], dtype=torch.float64), device))
+    return _constants.get((device, dampening, weight_decay), lambda: _upload(
+        torch.tensor([1.0 - dampening, weight_decay], dtype=torch.float64), device), _capturing(device))[0]
 
 
 class _Plan(NamedTuple):
@@ -149,6 +170,7 @@ class _Plan(NamedTuple):
     program_tensor: Tensor  # int32 [programs] on the device: each program's tensor
     num_programs: int
     aligned: bool  # every address of the call is a multiple of 16 bytes
+    host_copies: tuple  # see _upload
 
 
 class _TensorEntry(NamedTuple):
@@ -188,7 +210,8 @@ def _build_plan(device: torch.device, entries: Sequence[_TensorEntry], blockwise
     table = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), kernels.TABLE_WIDTH.value)
     table[:, kernels.FIRST_PROGRAM.value] = first
     program_tensor = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32), counts)
-    return _Plan(_to_device(table, device), _to_device(program_tensor, device), int(counts.sum()), aligned)
+    (table, table_host), (program_tensor, program_host) = _upload(table, device), _upload(program_tensor, device)
+    return _Plan(table, program_tensor, int(counts.sum()), aligned, (table_host, program_host))
 
 
 def _addresses(tensors: Sequence[Tensor]) -> tuple:
@@ -240,7 +263,7 @@ def sgd_update(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffe
                                 p.numel()) for p, g, b in zip(params, grads, buffers)]
         return _build_plan(device, entries, blockwise=False, block_size=0)
 
-    plan = _plans.get(key, build)
+    plan = _plans.get(key, build, _capturing(device))
     if plan.num_programs == 0:
         return
     with _device_guard(device):
@@ -264,7 +287,7 @@ def _blockwise_plan(op: str, device: torch.device, values: Sequence[Tensor], gra
                    for v, g, c, a in zip(values, grad_addresses, codes, absmax)]
         return _build_plan(device, entries, blockwise=True, block_size=block_size)
 
-    return _plans.get(key, build)
+    return _plans.get(key, build, _capturing(device))
 
 
 def _codec_flags(codec: _Codec) -> dict:
