@@ -307,21 +307,25 @@ def _quantize_tile(values, absmax, bucket_table, ZERO_CODE: tl.constexpr, BUCKET
 
 
 @triton.jit
+def _block_start(block, row_length, blocks_per_row, BLOCK_SIZE: tl.constexpr):
+    """quant.h's BlockLayout::start: the first element of a block."""
+    return (block // blocks_per_row) * row_length + (block % blocks_per_row) * BLOCK_SIZE
+
+
+@triton.jit
 def _unit_tile(entry, unit, BLOCKS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """Where the BLOCKS blocks of a masked unit lie: (first element, offsets of the tile's elements from it,
-    element mask, block mask). Tile row j is block unit * BLOCKS + j: its elements start at
-    (block // blocks_per_row) * row_length + (block % blocks_per_row) * BLOCK_SIZE and number
-    min(BLOCK_SIZE, row_length - (block % blocks_per_row) * BLOCK_SIZE); rows past the tensor's last block
-    are masked out."""
+    element mask, block mask). Tile row j is block unit * BLOCKS + j, of
+    min(BLOCK_SIZE, row_length - (block % blocks_per_row) * BLOCK_SIZE) elements (BlockLayout::size); rows
+    past the tensor's last block are masked out."""
     row_length = tl.load(entry + ROW_LENGTH)
     blocks_per_row = tl.load(entry + BLOCKS_PER_ROW)
-    block = unit * BLOCKS + tl.arange(0, BLOCKS).to(tl.int64)
+    first_block = unit * BLOCKS
+    first_element = _block_start(first_block, row_length, blocks_per_row, BLOCK_SIZE)
+    block = first_block + tl.arange(0, BLOCKS).to(tl.int64)
     block_mask = block < tl.load(entry + NUM_BLOCKS)
-    index_in_row = block % blocks_per_row
-    block_start = (block // blocks_per_row) * row_length + index_in_row * BLOCK_SIZE
-    block_size = tl.minimum(row_length - index_in_row * BLOCK_SIZE, BLOCK_SIZE).to(tl.int32)
-    first_element = tl.min(block_start, axis=0)  # block unit * BLOCKS: starts grow with the block index
-    relative_start = (block_start - first_element).to(tl.int32)
+    relative_start = (_block_start(block, row_length, blocks_per_row, BLOCK_SIZE) - first_element).to(tl.int32)
+    block_size = tl.minimum(row_length - (block % blocks_per_row) * BLOCK_SIZE, BLOCK_SIZE).to(tl.int32)
     element = tl.arange(0, BLOCK_SIZE)
     offsets = relative_start[:, None] + element[None, :]
     mask = (element[None, :] < block_size[:, None]) & block_mask[:, None]

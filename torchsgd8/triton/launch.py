@@ -9,7 +9,11 @@ device value on the host, so a call never synchronises.
 One launch per call: the call's tensors are described by two small device tables (kernels.py explains them),
 built on the first call with a given set of tensors - same addresses, shapes and block layouts - and reused
 from a cache afterwards, so a steady-state step (or a CUDA graph captured after warm-up) copies nothing to
-the device and builds nothing.
+the device and builds nothing. The cache drops the least recently used tables beyond CACHE_ENTRIES, except
+those a CUDA graph was captured with, which it keeps for good. The key is computed in Python, about 1 us
+per tensor of the call (data_ptr() costs 0.2 us); grads that move between steps (set_to_none=True with an
+allocator that does not hand back the same blocks) make new tables: 80 bytes per tensor and 4 per program,
+copied without waiting.
 """
 from __future__ import annotations
 
