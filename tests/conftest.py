@@ -1,5 +1,5 @@
 """Shared test helpers: a seeded generator, the `slow` marker, thread-count restoration, runs under
-another CPU kernel set."""
+another CPU kernel set; Triton's interpreter where there is no GPU."""
 from __future__ import annotations
 
 import os
@@ -9,6 +9,12 @@ import pytest
 import torch
 
 SLOW_ENV = "TORCHSGD8_SLOW_TESTS"
+
+# Without a GPU, tests/test_triton.py runs the Triton kernels in Triton's interpreter. triton reads this when it is
+# imported (its own library, tl.min and the like, is decorated then), and test modules that import
+# torch._inductor import triton while they are collected, so it is set here, before any of them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config):
