@@ -36,7 +36,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import torchsgd8  # noqa: F401  (registers torch.ops.torchsgd8)
-from torchsgd8.quantization import BLOCK_SIZE, ZERO_CODE, positive_thresholds, signed_dynamic_map
+from quant_reference import tables
+from torchsgd8.quantization import BLOCK_SIZE, ZERO_CODE, signed_dynamic_map
 
 OPS = torch.ops.torchsgd8
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -484,7 +485,7 @@ def test_dequantize_blockwise_matches_cpu(dtype, gen):
 
 # ---- property tests -----------------------------------------------------------------------------------------
 
-THRESHOLDS = positive_thresholds(signed_dynamic_map().numpy())[:-1]
+THRESHOLDS = tables.positive_thresholds(signed_dynamic_map().numpy())[:-1]
 # float32 values at and next to the midpoints between codes (ties go to the smaller magnitude), the codes
 # themselves, and subnormals
 TIES = np.concatenate([THRESHOLDS, np.nextafter(THRESHOLDS, np.float32(np.inf)), signed_dynamic_map().numpy(),

@@ -23,7 +23,6 @@ import math
 import threading
 from typing import Callable, NamedTuple, Optional, Sequence
 
-import numpy as np
 import torch
 import triton.language as tl
 from torch import Tensor
@@ -50,21 +49,12 @@ _STORAGE = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16:
 
 
 def quant_tables() -> dict:
-    """The codebook and the nearest-code lookup of csrc/quant.h: {"signed_dynamic_map": bytes (256 float32),
-    "bucket_table": bytes (int32), "bucket_shift": int, "bucket_offset": int, "block_size": int,
-    "zero_code": int}.
+    """The codebook and the nearest-code lookup compiled into the extension from csrc/quant.h:
+    {"signed_dynamic_map": bytes (256 float32), "bucket_table": bytes (int32), "bucket_shift": int,
+    "bucket_offset": int, "block_size": int, "zero_code": int}."""
+    from .. import _C
 
-    Built from torchsgd8.quantization (the tables quant.h is generated from, tools/gen_quant_tables.py);
-    switches to torchsgd8._C.quant_tables(), the compiled-in tables themselves, once the extension has it.
-    """
-    from ..quantization import (BLOCK_SIZE, BUCKET_SHIFT, ZERO_CODE, bucket_offset, bucket_table,
-                                positive_thresholds, signed_dynamic_map)
-
-    qmap = signed_dynamic_map().numpy().astype(np.float32)
-    return {"signed_dynamic_map": qmap.tobytes(),
-            "bucket_table": bucket_table(positive_thresholds(qmap)).astype(np.int32).tobytes(),
-            "bucket_shift": BUCKET_SHIFT, "bucket_offset": bucket_offset(), "block_size": BLOCK_SIZE,
-            "zero_code": ZERO_CODE}
+    return _C.quant_tables()
 
 
 class _LruCache:
