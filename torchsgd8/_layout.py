@@ -105,13 +105,21 @@ def like_param(p: Tensor, local_part: Tensor, shape: Optional[tuple[int, ...]] =
     return local_part
 
 
+def step_counter_device(p: Tensor) -> torch.device:
+    """Where the 8-bit state's step counter of p lives: with the param (the op counts on that device without
+    reading GradScaler's found_inf on the host, also in a CUDA graph), except for meta params, whose
+    counters stay on the CPU (the meta kernels count nothing)."""
+    device = local(p).device
+    return torch.device("cpu") if device.type == "meta" else device
+
+
 def init_state(p: Tensor, group: dict, state: dict, codebook: Callable[[torch.device], Tensor]) -> None:
     """Fills `state` (empty) for p's first step; `codebook(device)` gives the qmap to share. Uninitialised:
     the ops write all of it on a first step (zeros where that step is skipped), so a compiled first step
     allocates it without generating fill kernels."""
     shard = local(p)
     if gets_8bit_state(p, group):
-        state["step"] = torch.zeros((), dtype=torch.float32)
+        state["step"] = torch.zeros((), dtype=torch.float32, device=step_counter_device(p))
         state["state1"] = like_param(p, torch.empty(shard.shape, dtype=torch.uint8, device=shard.device))
         shard_absmax = torch.empty(ops.absmax_shape(shard.shape, per_row(p)), dtype=torch.float32, device=shard.device)
         state["absmax1"] = like_param(p, shard_absmax, absmax_shape(p))

@@ -24,7 +24,8 @@ from torch import Tensor
 
 from . import ops
 from ._checks import validate_group
-from ._layout import EIGHT_BIT, FULL, NONE, StateKind, absmax_shape, gets_8bit_state, per_row, uses_momentum
+from ._layout import (EIGHT_BIT, FULL, NONE, StateKind, absmax_shape, gets_8bit_state, per_row, step_counter_device,
+                      uses_momentum)
 from .quantization import BLOCK_SIZE, absmax_per_element
 
 FORMAT_KEY = "torchsgd8_format_version"
@@ -266,5 +267,6 @@ def _decode(codes: Tensor, absmax: Tensor, qmap: Tensor) -> Tensor:
 
 def _8bit_state(codebook: Callable[[torch.device], Tensor], param: Tensor, codes: Tensor, absmax: Tensor,
                 step: Tensor) -> dict:
-    return {"step": step, "state1": codes, "absmax1": absmax, "qmap1": codebook(param.device)}
+    return {"step": step.to(step_counter_device(param)), "state1": codes, "absmax1": absmax,
+            "qmap1": codebook(param.device)}
 

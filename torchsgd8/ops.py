@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the library that registers the ops)
+from . import triton as triton_kernels
 from .quantization import BLOCK_SIZE
 
 __all__ = ["sgd_update_", "sgd8bit_update_", "grads_fit", "quantize_blockwise", "dequantize_blockwise",
@@ -122,3 +123,11 @@ def _(values, per_row=False):
 @torch.library.register_fake("torchsgd8::dequantize_blockwise")
 def _(codes, absmax, dtype):
     return torch.empty_like(codes, dtype=dtype, memory_format=torch.contiguous_format)
+
+
+# The GPU kernels: the public ops run the kernel ops (torchsgd8::_*_kernel_) for tensors on devices without
+# C++ kernels (csrc/op_contract.cpp); on CUDA (and ROCm, which uses its key) and XPU those are Triton
+# launchers (torchsgd8/triton), which import triton on their first call, never here.
+_GPU_KERNELS = torch.library.Library("torchsgd8", "IMPL")
+for _dispatch_key in ("CUDA", "XPU"):
+    triton_kernels.register_kernels(_GPU_KERNELS, _dispatch_key)

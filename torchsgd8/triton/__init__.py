@@ -14,3 +14,42 @@ Importing this package does not import triton (``import torchsgd8`` never does);
 imported) the kernels run on CPU tensors in Triton's interpreter, which is how tests/test_triton.py checks
 them against the CPU kernels on a machine without a GPU.
 """
+from __future__ import annotations
+
+import torch
+
+__all__ = ["KERNEL_OPS", "register_kernels"]
+
+# The kernel ops (csrc/ops.cpp) and the launcher in launch.py that implements each.
+KERNEL_OPS = {
+    "_sgd_update_kernel_": "sgd_update",
+    "_sgd8bit_update_kernel_": "sgd8bit_update",
+    "_quantize_blockwise_kernel_": "quantize_blockwise",
+    "_dequantize_blockwise_kernel_": "dequantize_blockwise",
+}
+
+
+def register_kernels(library: torch.library.Library, dispatch_key: str) -> None:
+    """Registers the Triton launchers as ``dispatch_key``'s kernels of the kernel ops, in ``library`` (a
+    ``torch.library.Library("torchsgd8", "IMPL")``). triton is imported on the first call, not here.
+
+    torchsgd8 registers them for CUDA (ROCm builds of torch use that key too) and XPU at import; tests
+    register them for CPU, which sends CPU tensors through the Triton kernels in Triton's interpreter.
+    """
+    for op, launcher in KERNEL_OPS.items():
+        library.impl(op, _lazy_launcher(launcher), dispatch_key)
+
+
+def _lazy_launcher(name: str):
+    def kernel(*args):
+        try:
+            from . import launch
+        except ImportError as error:  # no triton (or one this torch cannot use)
+            raise RuntimeError(
+                f"torchsgd8: the GPU kernels are Triton kernels and triton cannot be imported ({error}); "
+                "install the triton that matches this torch"
+            ) from error
+        getattr(launch, name)(*args)
+
+    kernel.__name__ = kernel.__qualname__ = f"triton_{name}"
+    return kernel
