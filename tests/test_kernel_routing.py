@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from torchsgd8 import _C, ops
+from torchsgd8 import triton as triton_kernels
 
 OPS = torch.ops.torchsgd8
 KERNEL_OPS = ("_sgd_update_kernel_", "_sgd8bit_update_kernel_", "_quantize_blockwise_kernel_",
@@ -207,9 +208,28 @@ def test_production_registers_no_cpu_kernel_op_and_cpu_calls_use_the_compiled_ke
     assert [name for name, _ in kernels.calls] == ["_sgd_update_kernel_"]
 
 
+def test_the_triton_kernels_are_the_kernel_ops_of_cuda_and_xpu():
+    """import torchsgd8 registers them (importing triton only when one is first called)."""
+    for name in KERNEL_OPS:
+        for key in ("CUDA", "XPU"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"torchsgd8::{name}", key), (name, key)
+
+
+@pytest.fixture
+def without_gpu_kernels():
+    """Removes the kernel ops' CUDA and XPU kernels (torchsgd8.ops registers the Triton ones) for one test."""
+    ops._GPU_KERNELS._destroy()
+    try:
+        yield
+    finally:
+        ops._GPU_KERNELS = torch.library.Library("torchsgd8", "IMPL")
+        for key in ("CUDA", "XPU"):
+            triton_kernels.register_kernels(ops._GPU_KERNELS, key)
+
+
 @pytest.mark.parametrize("op", ["sgd_update_", "sgd8bit_update_", "quantize_blockwise", "dequantize_blockwise"])
 @pytest.mark.parametrize("device", ["CUDA", "XPU"])
-def test_a_device_without_kernels_raises_naming_it_and_changes_nothing(op, device, gen):
+def test_a_device_without_kernels_raises_naming_it_and_changes_nothing(op, device, gen, without_gpu_kernels):
     """The ops' CUDA and XPU kernels exist in every build; without a kernel op for the device they raise.
     Called here by redispatching CPU tensors to that dispatch key (no such device on this machine)."""
     args = {"sgd_update_": lambda: _sgd_args(gen),
