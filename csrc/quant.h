@@ -221,7 +221,7 @@ inline constexpr int32_t kBucketTable[1473] = {
     15728639, 15676211, 15859711, 15781069, 15990783, 15885926, 16121855, 15990784, 16226713, 16383999, 16331571, 16515071, 16436429, 16646143, 16541286, 16718233,
     16908287,
 };
-// The nearest-code rule by arithmetic (the AVX-512 kernels; derivation in torchsgd8/quantization.py):
+// The nearest-code rule by arithmetic (the AVX-512 kernels; derivation in tools/quant_tables.py):
 // segment s of |x| (codes between two decade boundaries) = kSegmentBelow[i] + (bits(|x|) > kSegmentSplit[i])
 // for i = bits 24-27 of |x| (0 below 2^-31); count c = min(trunc(|x| * kSegmentSlope[s] + kSegmentOffset[s]),
 // kSegmentLast[s]), exact unless that sum lies within kSegmentNear of an integer (then: nearest_code).
@@ -251,7 +251,7 @@ inline constexpr float kSegmentOffset[16] = {
 inline constexpr int32_t kSegmentLast[16] = {
     0, 1, 3, 7, 15, 31, 63, 127, 128, 0, 0, 0, 0, 0, 0, 0,
 };
-// the AVX-512 kernels' fixed-point form (see torchsgd8.quantization)
+// the AVX-512 kernels' fixed-point form (see tools/quant_tables.py)
 constexpr int32_t kCountUnit = 65536;
 constexpr int32_t kNearUnits = 4;
 constexpr float kClampScale = 0x1.2000000000000p+1f;
