@@ -11,7 +11,7 @@ compiler vectorises; the others take a masked path that finds each block's start
 Numerics, matching the C++ CPU kernels bit for bit:
   * arithmetic in float32 for float32/bfloat16/float16 params, float64 for float64;
   * every `x + a * y` of the rule is one tl.fma, and `momentum * buf` is rounded first;
-  * divisions (grads by grad_scale, values by absmax) are IEEE-rounded: tl.math.div_rn for float32
+  * divisions (grads by the grad scale, values by absmax) are IEEE-rounded: tl.math.div_rn for float32
     (Triton's `/` is an approximate division for float32 on NVIDIA GPUs), `/` for float64;
   * bfloat16 is read and written through its bits: loads shift them into a float32, stores round to
     nearest even in integer arithmetic (as the AVX-512 CPU kernels do) - Triton's interpreter converts
@@ -104,20 +104,20 @@ def _divide(numerator, denominator):
 
 
 @triton.jit
-def sgd_rule(param, grad, buf, lr, momentum, dampening_complement, weight_decay, grad_scale,
+def sgd_rule(param, grad, buf, lr, momentum, dampening_complement, weight_decay, grad_scale_ptr,
              MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, FIRST_STEP: tl.constexpr,
              NESTEROV: tl.constexpr):
     """torch.optim.SGD's update of one tile, in the accumulation type: (new param, new buffer).
 
-    d = grad (/ grad_scale unless it is None), negated with MAXIMIZE, + weight_decay * param with
+    d = grad (/ the grad scale at grad_scale_ptr unless it is None), negated with MAXIMIZE, + weight_decay * param with
     WEIGHT_DECAY; with MOMENTUM (buffers in use and a momentum value other than 0): buf = d on the first step
     (buf is not read), else momentum * buf + dampening_complement * d, and d = d + momentum * buf with
     NESTEROV, else buf; param - lr * d. Without MOMENTUM buf comes back as it went in. Each `x + a * y` is one
     fma; `momentum * buf` is rounded first.
     """
     d = grad
-    if grad_scale is not None:
-        d = _divide(d, grad_scale)
+    if grad_scale_ptr is not None:
+        d = _divide(d, tl.load(grad_scale_ptr).to(d.dtype))
     if MAXIMIZE:
         d = -d
     if WEIGHT_DECAY:
@@ -132,6 +132,15 @@ def sgd_rule(param, grad, buf, lr, momentum, dampening_complement, weight_decay,
         else:
             d = buf
     return tl.fma(d, -lr, param), buf
+
+
+@triton.jit
+def _runs(found_inf_ptr):
+    """Whether the step runs: not when GradScaler's found_inf is given and nonzero (then nothing is written)."""
+    runs = True
+    if found_inf_ptr is not None:
+        runs = tl.load(found_inf_ptr) == 0
+    return runs
 
 
 @triton.jit
@@ -193,7 +202,7 @@ def _store_param(pointer, offsets, value, mask, seed_ptr, tensor, first_index):
 
 @triton.jit
 def _sgd_update_tile(param_ptr, grad_ptr, buf_ptr, offsets, mask, lr, momentum, dampening_complement,
-                     weight_decay, grad_scale, seed_ptr, tensor, first_index, ACC: tl.constexpr,
+                     weight_decay, grad_scale_ptr, seed_ptr, tensor, first_index, ACC: tl.constexpr,
                      MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                      FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr):
     param = _load_float(param_ptr, offsets, mask, ACC)
@@ -201,7 +210,7 @@ def _sgd_update_tile(param_ptr, grad_ptr, buf_ptr, offsets, mask, lr, momentum, 
     buf = None
     if MOMENTUM and not FIRST_STEP:
         buf = _load_float(buf_ptr, offsets, mask, ACC)
-    param, buf = sgd_rule(param, grad, buf, lr, momentum, dampening_complement, weight_decay, grad_scale,
+    param, buf = sgd_rule(param, grad, buf, lr, momentum, dampening_complement, weight_decay, grad_scale_ptr,
                           MOMENTUM, MAXIMIZE, WEIGHT_DECAY, FIRST_STEP, NESTEROV)
     _store_param(param_ptr, offsets, param, mask, seed_ptr, tensor, first_index)
     if MOMENTUM:
@@ -209,7 +218,7 @@ def _sgd_update_tile(param_ptr, grad_ptr, buf_ptr, offsets, mask, lr, momentum, 
 
 
 @triton.jit
-def _sgd_update_unit(entry, unit, tensor, lr, momentum, dampening_complement, weight_decay, grad_scale, seed_ptr,
+def _sgd_update_unit(entry, unit, tensor, lr, momentum, dampening_complement, weight_decay, grad_scale_ptr, seed_ptr,
                      STORAGE: tl.constexpr, ACC: tl.constexpr, MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
                      WEIGHT_DECAY: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
                      ALIGNED: tl.constexpr, UPDATE_CHUNK: tl.constexpr):
@@ -224,11 +233,11 @@ def _sgd_update_unit(entry, unit, tensor, lr, momentum, dampening_complement, we
     remaining = tl.load(entry + NUMEL) - start
     if remaining >= UPDATE_CHUNK:
         _sgd_update_tile(param_ptr, grad_ptr, buf_ptr, offsets, None, lr, momentum, dampening_complement,
-                         weight_decay, grad_scale, seed_ptr, tensor, start, ACC, MOMENTUM, MAXIMIZE, WEIGHT_DECAY,
+                         weight_decay, grad_scale_ptr, seed_ptr, tensor, start, ACC, MOMENTUM, MAXIMIZE, WEIGHT_DECAY,
                          FIRST_STEP, NESTEROV)
     else:
         _sgd_update_tile(param_ptr, grad_ptr, buf_ptr, offsets, offsets < remaining, lr, momentum,
-                         dampening_complement, weight_decay, grad_scale, seed_ptr, tensor, start, ACC, MOMENTUM,
+                         dampening_complement, weight_decay, grad_scale_ptr, seed_ptr, tensor, start, ACC, MOMENTUM,
                          MAXIMIZE, WEIGHT_DECAY, FIRST_STEP, NESTEROV)
 
 
@@ -240,27 +249,21 @@ def sgd_update_kernel(tensor_table, program_tensor, lr_ptr, momentum_ptr, consta
                       NESTEROV: tl.constexpr, ALIGNED: tl.constexpr, UPDATE_CHUNK: tl.constexpr):
     """sgd_update over a list of tensors: each program updates UPDATE_CHUNK consecutive elements of one tensor.
     HAS_MOMENTUM: the call has buffers; they are neither read nor written when the momentum value is 0."""
-    runs = True
-    if found_inf_ptr is not None:
-        runs = tl.load(found_inf_ptr) == 0  # nonzero: the GradScaler skips the step, nothing is written
-    if runs:
+    if _runs(found_inf_ptr):
         tensor, entry, unit = _program_unit(program_tensor, tensor_table)
         lr, momentum, momentum_is_nonzero, dampening_complement, weight_decay = _hyperparameters(
             lr_ptr, momentum_ptr, constants_ptr, ACC)
-        grad_scale = None
-        if grad_scale_ptr is not None:
-            grad_scale = tl.load(grad_scale_ptr).to(ACC)
         if HAS_MOMENTUM:
             if momentum_is_nonzero:
-                _sgd_update_unit(entry, unit, tensor, lr, momentum, dampening_complement, weight_decay, grad_scale,
+                _sgd_update_unit(entry, unit, tensor, lr, momentum, dampening_complement, weight_decay, grad_scale_ptr,
                                  seed_ptr, STORAGE, ACC, True, MAXIMIZE, WEIGHT_DECAY, FIRST_STEP, NESTEROV,
                                  ALIGNED, UPDATE_CHUNK)
             else:
-                _sgd_update_unit(entry, unit, tensor, lr, momentum, dampening_complement, weight_decay, grad_scale,
+                _sgd_update_unit(entry, unit, tensor, lr, momentum, dampening_complement, weight_decay, grad_scale_ptr,
                                  seed_ptr, STORAGE, ACC, False, MAXIMIZE, WEIGHT_DECAY, FIRST_STEP, NESTEROV,
                                  ALIGNED, UPDATE_CHUNK)
         else:
-            _sgd_update_unit(entry, unit, tensor, lr, momentum, dampening_complement, weight_decay, grad_scale,
+            _sgd_update_unit(entry, unit, tensor, lr, momentum, dampening_complement, weight_decay, grad_scale_ptr,
                              seed_ptr, STORAGE, ACC, False, MAXIMIZE, WEIGHT_DECAY, FIRST_STEP, NESTEROV, ALIGNED,
                              UPDATE_CHUNK)
 
@@ -333,6 +336,22 @@ def _unit_tile(entry, unit, BLOCKS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
 
 
 @triton.jit
+def _blockwise_pointers(entry, unit, STORAGE: tl.constexpr, ALIGNED: tl.constexpr, BLOCKS: tl.constexpr):
+    """A blockwise kernel's pointers: the values (param, values or out) and codes of the tensor, and the absmax of
+    the unit's first block."""
+    values_ptr = _typed_pointer(entry, PARAM, STORAGE, ALIGNED)
+    code_ptr = _typed_pointer(entry, STATE, tl.uint8, ALIGNED)
+    absmax_ptr = tl.load(entry + ABSMAX).to(tl.pointer_type(tl.float32)) + unit * BLOCKS
+    return values_ptr, code_ptr, absmax_ptr
+
+
+@triton.jit
+def _whole_blocks(entry, unit, BLOCKS: tl.constexpr):
+    """Whether the unit's blocks are all whole and start at multiples of the block size (the unmasked path)."""
+    return (unit + 1) * BLOCKS <= tl.load(entry + REGULAR_BLOCKS)
+
+
+@triton.jit
 def _regular_tile(BLOCKS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """Offsets of BLOCKS whole consecutive blocks from the first one's first element."""
     return tl.arange(0, BLOCKS)[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]
@@ -340,7 +359,7 @@ def _regular_tile(BLOCKS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
 
 @triton.jit
 def _sgd8bit_tile(param_ptr, grad_ptr, code_ptr, absmax_ptr, offsets, mask, block_mask, qmap, bucket_table,
-                  lr, momentum, dampening_complement, weight_decay, grad_scale, seed_ptr, tensor, first_index,
+                  lr, momentum, dampening_complement, weight_decay, grad_scale_ptr, seed_ptr, tensor, first_index,
                   MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                   FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr, BLOCKS: tl.constexpr, ZERO_CODE: tl.constexpr,
                   BUCKET_SHIFT: tl.constexpr, BUCKET_OFFSET: tl.constexpr, NUM_BUCKETS: tl.constexpr):
@@ -355,7 +374,7 @@ def _sgd8bit_tile(param_ptr, grad_ptr, code_ptr, absmax_ptr, offsets, mask, bloc
         codes = tl.load(code_ptr + offsets, mask=mask)  # any byte is a valid index into qmap
         old_absmax = tl.load(absmax_ptr + blocks, mask=block_mask)
         buf = tl.load(qmap + codes.to(tl.int32)) * old_absmax[:, None]
-    param, buf = sgd_rule(param, grad, buf, lr, momentum, dampening_complement, weight_decay, grad_scale,
+    param, buf = sgd_rule(param, grad, buf, lr, momentum, dampening_complement, weight_decay, grad_scale_ptr,
                           MOMENTUM, MAXIMIZE, WEIGHT_DECAY, FIRST_STEP, NESTEROV)
     _store_param(param_ptr, offsets, param, mask, seed_ptr, tensor, first_index)
     absmax = _block_absmax(buf, mask)
@@ -366,26 +385,24 @@ def _sgd8bit_tile(param_ptr, grad_ptr, code_ptr, absmax_ptr, offsets, mask, bloc
 
 @triton.jit
 def _sgd8bit_unit(entry, unit, tensor, qmap, bucket_table, lr, momentum, dampening_complement, weight_decay,
-                  grad_scale, seed_ptr, STORAGE: tl.constexpr, MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
+                  grad_scale_ptr, seed_ptr, STORAGE: tl.constexpr, MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
                   WEIGHT_DECAY: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
                   ALIGNED: tl.constexpr, BLOCKS: tl.constexpr, BLOCK_SIZE: tl.constexpr, ZERO_CODE: tl.constexpr,
                   BUCKET_SHIFT: tl.constexpr, BUCKET_OFFSET: tl.constexpr, NUM_BUCKETS: tl.constexpr):
     """Updates blocks [unit * BLOCKS, (unit + 1) * BLOCKS) of the tensor (fewer at its end)."""
-    param_ptr = _typed_pointer(entry, PARAM, STORAGE, ALIGNED)
+    param_ptr, code_ptr, absmax_ptr = _blockwise_pointers(entry, unit, STORAGE, ALIGNED, BLOCKS)
     grad_ptr = _typed_pointer(entry, GRAD, STORAGE, ALIGNED)
-    code_ptr = _typed_pointer(entry, STATE, tl.uint8, ALIGNED)
-    absmax_ptr = tl.load(entry + ABSMAX).to(tl.pointer_type(tl.float32)) + unit * BLOCKS
-    if (unit + 1) * BLOCKS <= tl.load(entry + REGULAR_BLOCKS):
+    if _whole_blocks(entry, unit, BLOCKS):
         start = unit * (BLOCKS * BLOCK_SIZE)
         _sgd8bit_tile(param_ptr + start, grad_ptr + start, code_ptr + start, absmax_ptr,
                       _regular_tile(BLOCKS, BLOCK_SIZE), None, None, qmap, bucket_table, lr, momentum,
-                      dampening_complement, weight_decay, grad_scale, seed_ptr, tensor, start, MOMENTUM, MAXIMIZE,
+                      dampening_complement, weight_decay, grad_scale_ptr, seed_ptr, tensor, start, MOMENTUM, MAXIMIZE,
                       WEIGHT_DECAY, FIRST_STEP, NESTEROV, BLOCKS, ZERO_CODE, BUCKET_SHIFT, BUCKET_OFFSET,
                       NUM_BUCKETS)
     else:
         start, offsets, mask, block_mask = _unit_tile(entry, unit, BLOCKS, BLOCK_SIZE)
         _sgd8bit_tile(param_ptr + start, grad_ptr + start, code_ptr + start, absmax_ptr, offsets, mask,
-                      block_mask, qmap, bucket_table, lr, momentum, dampening_complement, weight_decay, grad_scale,
+                      block_mask, qmap, bucket_table, lr, momentum, dampening_complement, weight_decay, grad_scale_ptr,
                       seed_ptr, tensor, start, MOMENTUM, MAXIMIZE, WEIGHT_DECAY, FIRST_STEP, NESTEROV, BLOCKS,
                       ZERO_CODE, BUCKET_SHIFT, BUCKET_OFFSET, NUM_BUCKETS)
 
@@ -399,23 +416,17 @@ def sgd8bit_update_kernel(tensor_table, program_tensor, qmap, bucket_table, lr_p
                           BUCKET_SHIFT: tl.constexpr, BUCKET_OFFSET: tl.constexpr, NUM_BUCKETS: tl.constexpr):
     """sgd8bit_update over a list of tensors: each program updates BLOCKS consecutive blocks of one tensor. A
     momentum value of 0 leaves the decoded buffer (0 on a first step) as it is, to be requantized."""
-    runs = True
-    if found_inf_ptr is not None:
-        runs = tl.load(found_inf_ptr) == 0  # nonzero: the GradScaler skips the step, nothing is written
-    if runs:
+    if _runs(found_inf_ptr):
         tensor, entry, unit = _program_unit(program_tensor, tensor_table)
         lr, momentum, momentum_is_nonzero, dampening_complement, weight_decay = _hyperparameters(
             lr_ptr, momentum_ptr, constants_ptr, tl.float32)
-        grad_scale = None
-        if grad_scale_ptr is not None:
-            grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
         if momentum_is_nonzero:
             _sgd8bit_unit(entry, unit, tensor, qmap, bucket_table, lr, momentum, dampening_complement, weight_decay,
-                          grad_scale, seed_ptr, STORAGE, True, MAXIMIZE, WEIGHT_DECAY, FIRST_STEP, NESTEROV,
+                          grad_scale_ptr, seed_ptr, STORAGE, True, MAXIMIZE, WEIGHT_DECAY, FIRST_STEP, NESTEROV,
                           ALIGNED, BLOCKS, BLOCK_SIZE, ZERO_CODE, BUCKET_SHIFT, BUCKET_OFFSET, NUM_BUCKETS)
         else:
             _sgd8bit_unit(entry, unit, tensor, qmap, bucket_table, lr, momentum, dampening_complement, weight_decay,
-                          grad_scale, seed_ptr, STORAGE, False, MAXIMIZE, WEIGHT_DECAY, FIRST_STEP, NESTEROV,
+                          grad_scale_ptr, seed_ptr, STORAGE, False, MAXIMIZE, WEIGHT_DECAY, FIRST_STEP, NESTEROV,
                           ALIGNED, BLOCKS, BLOCK_SIZE, ZERO_CODE, BUCKET_SHIFT, BUCKET_OFFSET, NUM_BUCKETS)
 
 
@@ -437,10 +448,8 @@ def quantize_blockwise_kernel(tensor_table, program_tensor, bucket_table,
                               BUCKET_OFFSET: tl.constexpr, NUM_BUCKETS: tl.constexpr):
     """values -> codes, absmax; each program quantizes BLOCKS consecutive blocks."""
     tensor, entry, unit = _program_unit(program_tensor, tensor_table)
-    values_ptr = _typed_pointer(entry, PARAM, STORAGE, ALIGNED)
-    code_ptr = _typed_pointer(entry, STATE, tl.uint8, ALIGNED)
-    absmax_ptr = tl.load(entry + ABSMAX).to(tl.pointer_type(tl.float32)) + unit * BLOCKS
-    if (unit + 1) * BLOCKS <= tl.load(entry + REGULAR_BLOCKS):
+    values_ptr, code_ptr, absmax_ptr = _blockwise_pointers(entry, unit, STORAGE, ALIGNED, BLOCKS)
+    if _whole_blocks(entry, unit, BLOCKS):
         start = unit * (BLOCKS * BLOCK_SIZE)
         _quantize_unit(values_ptr + start, code_ptr + start, absmax_ptr, _regular_tile(BLOCKS, BLOCK_SIZE), None,
                        None, bucket_table, BLOCKS, ZERO_CODE, BUCKET_SHIFT, BUCKET_OFFSET, NUM_BUCKETS)
@@ -463,10 +472,8 @@ def dequantize_blockwise_kernel(tensor_table, program_tensor, qmap,
                                 BLOCK_SIZE: tl.constexpr):
     """(codes, absmax) -> out = qmap[code] * absmax (one float32 rounding), stored in out's dtype."""
     tensor, entry, unit = _program_unit(program_tensor, tensor_table)
-    out_ptr = _typed_pointer(entry, PARAM, STORAGE, ALIGNED)
-    code_ptr = _typed_pointer(entry, STATE, tl.uint8, ALIGNED)
-    absmax_ptr = tl.load(entry + ABSMAX).to(tl.pointer_type(tl.float32)) + unit * BLOCKS
-    if (unit + 1) * BLOCKS <= tl.load(entry + REGULAR_BLOCKS):
+    out_ptr, code_ptr, absmax_ptr = _blockwise_pointers(entry, unit, STORAGE, ALIGNED, BLOCKS)
+    if _whole_blocks(entry, unit, BLOCKS):
         start = unit * (BLOCKS * BLOCK_SIZE)
         _dequantize_unit(code_ptr + start, absmax_ptr, out_ptr + start, _regular_tile(BLOCKS, BLOCK_SIZE), None,
                          None, qmap, BLOCKS)

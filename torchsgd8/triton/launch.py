@@ -222,6 +222,16 @@ def _row_length(shape: torch.Size, absmax: Tensor) -> int:
     return math.prod(shape) if absmax.dim() == 1 else math.prod(shape[1:])
 
 
+def _launch(kernel, device: torch.device, plan: _Plan, *arguments, **constants) -> None:
+    """One launch of `kernel` over the plan's programs (none for a call of empty tensors): the plan's tables
+    first, then `arguments`; `constants` are the kernel's constexpr arguments and launch options."""
+    if plan.num_programs == 0:
+        return
+    with _device_guard(device):
+        kernel[(plan.num_programs,)](plan.tensor_table, plan.program_tensor, *arguments, ALIGNED=plan.aligned,
+                                     **constants)
+
+
 def _kernel_flags(dtype: torch.dtype, rounding_seed: Optional[Tensor], num_warps: int) -> dict:
     if dtype not in _STORAGE:
         raise TypeError(f"torchsgd8.triton: unsupported dtype {dtype}")
@@ -257,17 +267,12 @@ def sgd_update(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffe
                                 p.numel()) for p, g, b in zip(params, grads, buffers)]
         return _build_plan(device, entries, blockwise=False, block_size=0)
 
-    plan = _plans.get(key, build, _capturing(device))
-    if plan.num_programs == 0:
-        return
-    with _device_guard(device):
-        kernels.sgd_update_kernel[(plan.num_programs,)](
-            plan.tensor_table, plan.program_tensor, _on(lr, device), _on(momentum, device),
-            _rule_constants(device, dampening, weight_decay), _on(grad_scale, device), _on(found_inf, device),
-            _on(rounding_seed, device),
+    _launch(kernels.sgd_update_kernel, device, _plans.get(key, build, _capturing(device)),
+            _on(lr, device), _on(momentum, device), _rule_constants(device, dampening, weight_decay),
+            _on(grad_scale, device), _on(found_inf, device), _on(rounding_seed, device),
             ACC=tl.float64 if dtype == torch.float64 else tl.float32, HAS_MOMENTUM=has_momentum,
             MAXIMIZE=maximize, WEIGHT_DECAY=weight_decay != 0, FIRST_STEP=first_step, NESTEROV=nesterov,
-            ALIGNED=plan.aligned, UPDATE_CHUNK=UPDATE_CHUNK, **flags)
+            UPDATE_CHUNK=UPDATE_CHUNK, **flags)
 
 
 def _blockwise_plan(op: str, device: torch.device, values: Sequence[Tensor], grads: Sequence[Tensor],
@@ -305,16 +310,13 @@ def sgd8bit_update(params: Sequence[Tensor], grads: Sequence[Tensor], codes: Seq
     device, dtype = params[0].device, params[0].dtype
     flags = _kernel_flags(dtype, rounding_seed, BLOCKWISE_WARPS)
     codec = _codec(device)
-    plan = _blockwise_plan("sgd8bit_update", device, params, grads, codes, absmax, codec.block_size)
-    if plan.num_programs == 0:
-        return
-    with _device_guard(device):
-        kernels.sgd8bit_update_kernel[(plan.num_programs,)](
-            plan.tensor_table, plan.program_tensor, codec.qmap, codec.bucket_table, _on(lr, device),
-            _on(momentum, device), _rule_constants(device, dampening, weight_decay), _on(grad_scale, device),
-            _on(found_inf, device), _on(rounding_seed, device),
+    _launch(kernels.sgd8bit_update_kernel, device,
+            _blockwise_plan("sgd8bit_update", device, params, grads, codes, absmax, codec.block_size),
+            codec.qmap, codec.bucket_table, _on(lr, device), _on(momentum, device),
+            _rule_constants(device, dampening, weight_decay), _on(grad_scale, device), _on(found_inf, device),
+            _on(rounding_seed, device),
             MAXIMIZE=maximize, WEIGHT_DECAY=weight_decay != 0, FIRST_STEP=first_step, NESTEROV=nesterov,
-            ALIGNED=plan.aligned, **_codec_flags(codec), **flags)
+            **_codec_flags(codec), **flags)
 
 
 def quantize_blockwise(values: Tensor, codes: Tensor, absmax: Tensor) -> None:
@@ -324,13 +326,9 @@ def quantize_blockwise(values: Tensor, codes: Tensor, absmax: Tensor) -> None:
     device = values.device
     flags = _kernel_flags(values.dtype, None, BLOCKWISE_WARPS)
     codec = _codec(device)
-    plan = _blockwise_plan("quantize_blockwise", device, [values], [], [codes], [absmax], codec.block_size)
-    if plan.num_programs == 0:
-        return
-    with _device_guard(device):
-        kernels.quantize_blockwise_kernel[(plan.num_programs,)](
-            plan.tensor_table, plan.program_tensor, codec.bucket_table, ALIGNED=plan.aligned,
-            **_codec_flags(codec), **flags)
+    _launch(kernels.quantize_blockwise_kernel, device,
+            _blockwise_plan("quantize_blockwise", device, [values], [], [codes], [absmax], codec.block_size),
+            codec.bucket_table, **_codec_flags(codec), **flags)
 
 
 def dequantize_blockwise(codes: Tensor, absmax: Tensor, out: Tensor) -> None:
@@ -338,10 +336,6 @@ def dequantize_blockwise(codes: Tensor, absmax: Tensor, out: Tensor) -> None:
     device = codes.device
     flags = _kernel_flags(out.dtype, None, BLOCKWISE_WARPS)
     codec = _codec(device)
-    plan = _blockwise_plan("dequantize_blockwise", device, [out], [], [codes], [absmax], codec.block_size)
-    if plan.num_programs == 0:
-        return
-    with _device_guard(device):
-        kernels.dequantize_blockwise_kernel[(plan.num_programs,)](
-            plan.tensor_table, plan.program_tensor, codec.qmap, ALIGNED=plan.aligned,
-            BLOCKS=BLOCKS_PER_PROGRAM, BLOCK_SIZE=codec.block_size, **flags)
+    _launch(kernels.dequantize_blockwise_kernel, device,
+            _blockwise_plan("dequantize_blockwise", device, [out], [], [codes], [absmax], codec.block_size),
+            codec.qmap, BLOCKS=BLOCKS_PER_PROGRAM, BLOCK_SIZE=codec.block_size, **flags)
