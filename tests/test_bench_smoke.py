@@ -1,9 +1,10 @@
 """benchmarks/bench_step.py runs end to end in a tiny configuration and writes the documented JSON; its CUDA mode
-checks its arguments, and refuses cleanly where there is no GPU."""
+checks its arguments, and refuses cleanly where there is no GPU; tools/gpu_check.sh parses."""
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "bench_step.py"
+GPU_CHECK = ROOT / "tools" / "gpu_check.sh"
+SLOW = pytest.mark.slow
 METHODS = ["torch_foreach", "torch_fused", "torchsgd8_fp32", "torchsgd8_8bit"]
 METHOD_FIELDS = {
     "method", "error", "median_ms", "min_ms", "times_ms", "warmup_ms", "ideal_bytes", "ideal_bytes_per_param",
@@ -249,3 +252,25 @@ def test_cudagraph_skips_are_noted_with_inductors_reason():
         pass
     assert none.count == 0 and none.note() is None
 
+
+# ---- tools/gpu_check.sh -----------------------------------------------------------------------------------------
+
+def test_gpu_check_script_parses():
+    proc = subprocess.run(["bash", "-n", str(GPU_CHECK)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+
+
+@SLOW
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is for machines without a GPU")
+def test_gpu_check_dry_run_passes_its_phases(tmp_path):
+    """GPU_CHECK_DRY_RUN=1: every phase's command line runs on CPU (tests collected, the step check on CPU, the CUDA
+    benchmark command refused for want of a GPU) and the summary says so."""
+    env = dict(os.environ, GPU_CHECK_DRY_RUN="1", PYTHON=sys.executable, OUT=str(tmp_path))
+    proc = subprocess.run(["bash", str(GPU_CHECK)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = (tmp_path / "summary.txt").read_text()
+    for phase in ("environment", "carried-packages", "build", "tests", "step-check", "bench-cuda-refuses", "bench-cpu"):
+        assert f"phase {phase}: ok" in summary
+    assert "gpu_check: OK" in summary
+    assert "gpu_step_check: " in (tmp_path / "step_check.log").read_text()
+    assert "--device cuda: no CUDA device" in (tmp_path / "bench.log").read_text()
