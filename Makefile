@@ -6,7 +6,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.torchsgd8-built
 SOURCES := $(shell find csrc torchsgd8 -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.py') CMakeLists.txt pyproject.toml
 
-.PHONY: demo test test-slow bench build clean
+.PHONY: demo test test-slow bench build clean gpu-check gpu-check-prepare
 
 $(PY):
 	$(PYTHON_BOOTSTRAP) -m venv $(VENV)
@@ -37,6 +37,15 @@ test-slow: build
 
 bench: build
 	$(PY) benchmarks/bench_step.py
+
+# The GPU check of tools/gpu_check.sh (its top says how to run it in one device call); without a GPU,
+# `GPU_CHECK_DRY_RUN=1 make gpu-check` tries its phases on CPU. The device machine has no .venv: python3 there.
+GPU_CHECK_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	PYTHON=$(GPU_CHECK_PYTHON) bash tools/gpu_check.sh
+
+gpu-check-prepare:
+	PYTHON=$(GPU_CHECK_PYTHON) bash tools/gpu_check.sh --prepare
 
 clean:
 	rm -rf build $(VENV) *.egg-info
