@@ -36,9 +36,12 @@ def _ensure_rounding_seed(group: dict) -> None:
         group["rounding_seed"] = torch.randint(0, 2**62, (), dtype=torch.int64)
 
 
-def _as_tensor(value: float | Tensor) -> Tensor:
-    """Hyperparameters go to the ops as 0-dim tensors, so schedules don't recompile compiled steps."""
-    return value if isinstance(value, Tensor) else torch.tensor(float(value), dtype=torch.float64)
+def _float64_tensor(value: float) -> Tensor:
+    """`value` as a 0-dim float64 tensor, for the ops. Made by adding it to a zero tensor: under
+    torch.compile a Python float added to a tensor stays symbolic (a graph input), so a schedule that
+    writes a new float every step does not recompile, whereas torch.tensor(value) needs the concrete
+    value, and dynamo would specialise on it and recompile for each new one."""
+    return torch.zeros((), dtype=torch.float64) + value
 
 
 @adopt_step_protocols
@@ -182,12 +185,14 @@ class SGD(Optimizer):
         """group[name] as a 0-dim tensor. Eager steps reuse the last one made while the value stays the same
         (making one costs ~2 us)."""
         value = group[name]
-        if isinstance(value, Tensor) or compiling:
-            return _as_tensor(value)
+        if isinstance(value, Tensor):
+            return value
+        if compiling:
+            return _float64_tensor(value)
         key = (id(group), name)
         cached = self._hyper_tensors.get(key)
         if cached is None or cached[0] != value:
-            cached = self._hyper_tensors[key] = (value, _as_tensor(value))
+            cached = self._hyper_tensors[key] = (value, _float64_tensor(float(value)))
         return cached[1]
 
     def _collect_buckets(self, group: dict, staged: list, created: list, plan: bool) -> list[Bucket]:
