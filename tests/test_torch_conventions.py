@@ -9,7 +9,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import torchsgd8
 
-from helpers import training_step
+from helpers import raw_bytes, training_step
 
 
 @pytest.fixture
@@ -121,3 +121,145 @@ def test_a_compiled_step_still_guards_on_momentum_being_zero(fresh_dynamo):
     assert compiled_state.keys() == eager_state.keys()
     for key, value in eager_state.items():
         assert torch.equal(compiled_state[key], value), key
+
+
+# ---- bugs 2-5: the state-dict protocol -------------------------------------------------------------------
+
+def assert_identical(a, b, where="state_dict"):
+    """a and b are the same nested value: dicts with the same keys in the same order, tensors of the same
+    dtype, shape, device and bytes, and every other value of the same type and equal."""
+    assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
+    if isinstance(a, dict):
+        assert list(a) == list(b), f"{where}: keys {list(a)} != {list(b)}"
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: length {len(a)} != {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert (a.dtype, a.shape, a.device) == (b.dtype, b.shape, b.device), where
+        assert raw_bytes(a) == raw_bytes(b), f"{where}: values differ"
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def _trained(opt_class=torchsgd8.SGD8bit, named=False, steps=2, **kwargs):
+    """An optimizer over a fresh _model() after `steps` steps (fp32 and 8-bit state), and the model."""
+    model = _model()
+    params = model.named_parameters() if named else model.parameters()
+    kwargs = {"lr": 0.05, "momentum": 0.9, "min_8bit_size": 1000, **kwargs}
+    opt = opt_class(params, **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        model(torch.randn(4, 16, generator=gen)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    return opt, model
+
+
+def test_load_state_dict_runs_the_load_state_dict_hooks():
+    """Bug 2: register_load_state_dict_pre_hook / _post_hook hooks run, in torch's order and with its
+    arguments; a pre-hook gets a shallow copy it may edit, and what it returns is what loads."""
+    opt, _ = _trained()
+    saved = opt.state_dict()
+    other, _ = _trained(steps=3)
+    replacement = other.state_dict()
+    calls = []
+
+    def first_pre_hook(optimizer, state_dict):
+        calls.append(("pre", optimizer is opt, state_dict is not saved and state_dict == saved))
+        state_dict["marker"] = True  # a shallow copy: the caller's dict is not touched
+        return replacement
+
+    def second_pre_hook(optimizer, state_dict):
+        calls.append(("pre2", state_dict is replacement))
+
+    opt.register_load_state_dict_pre_hook(second_pre_hook)
+    opt.register_load_state_dict_pre_hook(first_pre_hook, prepend=True)
+    handle = opt.register_load_state_dict_post_hook(lambda optimizer: calls.append(("post", optimizer is opt)))
+    opt.load_state_dict(saved)
+    assert calls == [("pre", True, True), ("pre2", True), ("post", True)]
+    assert "marker" not in saved
+    assert_identical(opt.state_dict(), replacement)  # the pre-hook's state dict is what loaded
+    handle.remove()
+    opt.load_state_dict(saved)
+    assert len(calls) == 5 and calls[-1][0] == "pre2"
+
+
+def test_state_dict_runs_the_state_dict_hooks_on_the_finished_state_dict():
+    """register_state_dict_pre_hook / _post_hook: the post-hook sees the state dict as returned (format
+    version included), and a state dict it returns is returned as it is."""
+    opt, _ = _trained()
+    seen = []
+    opt.register_state_dict_pre_hook(lambda optimizer: seen.append("pre"))
+    opt.register_state_dict_post_hook(lambda optimizer, sd: seen.append(sorted(sd)))
+    opt.register_state_dict_post_hook(lambda optimizer, sd: {"replaced": True})
+    assert opt.state_dict() == {"replaced": True}
+    assert seen == ["pre", ["param_groups", "state", "torchsgd8_format_version"]]
+
+
+def test_load_state_dict_keeps_param_names():
+    """Bug 3: param names from named_parameters() survive load_state_dict (saved names win, as in
+    torch), and are saved again."""
+    opt, model = _trained(named=True)
+    names = [name for name, _ in model.named_parameters()]
+    assert opt.param_groups[0]["param_names"] == names
+    saved = opt.state_dict()
+    assert saved["param_groups"][0]["param_names"] == names
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["param_names"] == names
+    assert opt.state_dict()["param_groups"][0]["param_names"] == names
+    # a state dict without names keeps the optimizer's; saved names replace them
+    unnamed, _ = _trained()
+    opt.load_state_dict(unnamed.state_dict())
+    assert opt.param_groups[0]["param_names"] == names
+    renamed = opt.state_dict()
+    renamed["param_groups"][0]["param_names"] = [f"p{i}" for i in range(len(names))]
+    opt.load_state_dict(renamed)
+    assert opt.param_groups[0]["param_names"] == [f"p{i}" for i in range(len(names))]
+
+
+@pytest.mark.parametrize("opt_class", [torchsgd8.SGD8bit, torchsgd8.SGD32bit])
+@pytest.mark.parametrize("case", ["plain", "named", "tensor lr", "stochastic rounding", "two groups"])
+def test_a_state_dict_round_trip_changes_nothing(opt_class, case):
+    """Bug 4: state_dict() is identical before and after load_state_dict(state_dict()) (same keys in the
+    same order, same values and types), and equal for optimizers over equal params with equal histories."""
+    kwargs = {"tensor lr": {"lr": torch.tensor(0.05)}, "stochastic rounding": {"stochastic_rounding": True}}
+
+    def make():
+        torch.manual_seed(5)  # the rounding seed is drawn from torch's default generator
+        opt, model = _trained(opt_class, named=case == "named", **kwargs.get(case, {}))
+        if case == "two groups":
+            extra = torch.nn.Parameter(torch.randn(3))
+            opt.add_param_group({"params": [extra], "lr": 0.5, "weight_decay": 0.1})
+        return opt
+
+    opt = make()
+    before = opt.state_dict()
+    assert_identical(before, make().state_dict())
+    opt.load_state_dict(before)
+    assert_identical(opt.state_dict(), before)
+    opt.load_state_dict(opt.state_dict())
+    assert_identical(opt.state_dict(), before)
+    assert all("differentiable" not in group for group in opt.param_groups)
+
+
+def test_a_shared_tensor_lr_stays_shared_after_loading():
+    """Groups that don't set their own lr share the default tensor lr (a scheduler's writes to one group's
+    lr reach all of them); a loaded state dict keeps that sharing, as torch's does."""
+    params = [torch.nn.Parameter(torch.randn(4)) for _ in range(3)]
+    opt = torchsgd8.SGD32bit([{"params": params[:2]}, {"params": params[2:]}], lr=torch.tensor(0.1), momentum=0.9)
+    assert opt.param_groups[0]["lr"] is opt.param_groups[1]["lr"]
+    opt.load_state_dict(opt.state_dict())
+    assert opt.param_groups[0]["lr"] is opt.param_groups[1]["lr"]
+
+
+def test_load_state_dict_keeps_a_user_choice_of_amp_scaling():
+    """Bug 5: a user who set _step_supports_amp_scaling = False (Lightning requires it to clip gradients
+    under AMP) keeps it after load_state_dict."""
+    opt, _ = _trained()
+    assert opt._step_supports_amp_scaling is True
+    opt._step_supports_amp_scaling = False
+    opt.load_state_dict(opt.state_dict())
+    assert opt._step_supports_amp_scaling is False

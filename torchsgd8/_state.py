@@ -37,11 +37,24 @@ BNB_WRAPPED_KEY = "__bnb_optimizer_quant_state__"
 # Keys bitsandbytes may store that carry no momentum information for SGD (statistics for clipping).
 _BNB_IGNORABLE_KEYS = {"gnorm_vec", "unorm_vec"}
 # Group keys torch.optim.SGD / bitsandbytes store that torchsgd8 does not use.
-_FOREIGN_GROUP_KEYS = {"foreach", "fused", "differentiable", "betas", "eps", "param_names"}
+_FOREIGN_GROUP_KEYS = {"foreach", "fused", "differentiable", "betas", "eps"}
 
 
 class StateDictError(ValueError):
     """A state dict that cannot be loaded; the message names the group or parameter."""
+
+
+def pack_state_dict(param_groups: list[dict], state: dict) -> dict[str, Any]:
+    """torch's state-dict layout (``state`` keyed by each param's position across the groups, groups with
+    those positions as ``params``) plus the format version. Values are the optimizer's own, not copies."""
+    positions: dict[int, int] = {}
+    groups = []
+    for group in param_groups:
+        packed = {k: v for k, v in group.items() if k != "params"}
+        packed["params"] = [positions.setdefault(id(p), len(positions)) for p in group["params"]]
+        groups.append(packed)
+    packed_state = {(positions[id(p)] if isinstance(p, Tensor) else p): v for p, v in state.items()}
+    return {"state": packed_state, "param_groups": groups, FORMAT_KEY: FORMAT_VERSION}
 
 
 def convert_state_dict(groups: list[dict], state_dict: dict[str, Any],
@@ -81,7 +94,12 @@ def convert_state_dict(groups: list[dict], state_dict: dict[str, Any],
                 f"param group {i} has {len(group['params'])} params, the state dict's has {len(saved['params'])}"
             )
 
-    new_groups = [_convert_group(group, saved, i) for i, (group, saved) in enumerate(zip(groups, saved_groups))]
+    # deep-copied as torch does, so two optimizers never share a tensor hyperparameter or rounding seed;
+    # in one call, so groups that shared one (a default tensor lr) still share its copy
+    copies = copy.deepcopy([{k: v for k, v in g.items() if k not in _FOREIGN_GROUP_KEYS and k != "params"}
+                            for g in saved_groups])
+    new_groups = [_convert_group(group, saved, new, i)
+                  for i, (group, saved, new) in enumerate(zip(groups, saved_groups, copies))]
     for group in new_groups:
         try:
             validate_group(group)
@@ -105,11 +123,11 @@ def convert_state_dict(groups: list[dict], state_dict: dict[str, Any],
     return new_groups, state
 
 
-def _convert_group(group: dict, saved: dict, index: int) -> dict:
-    """Saved hyperparameters win (that is what loading means); precision (optim_bits, min_8bit_size)
-    stays this optimizer's, so e.g. a torch.optim.SGD checkpoint loads into SGD8bit as 8-bit state."""
-    # deep-copied as torch does, so two optimizers never share a tensor hyperparameter or rounding seed
-    new = copy.deepcopy({k: v for k, v in saved.items() if k not in _FOREIGN_GROUP_KEYS and k != "params"})
+def _convert_group(group: dict, saved: dict, new: dict, index: int) -> dict:
+    """The param group that loading `saved` (whose copy is `new`, without foreign keys and params) into
+    `group` gives. Saved hyperparameters win (that is what loading means); precision (optim_bits,
+    min_8bit_size) stays this optimizer's, so e.g. a torch.optim.SGD checkpoint loads into SGD8bit as
+    8-bit state. Param names are the saved ones, else the group's (as torch's)."""
     if "betas" in saved and "momentum" not in saved:  # bitsandbytes stores (momentum, dampening) as betas
         betas = saved["betas"]
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
@@ -133,7 +151,12 @@ def _convert_group(group: dict, saved: dict, index: int) -> dict:
     lr = group["lr"]
     if isinstance(lr, Tensor) and not isinstance(new["lr"], Tensor):  # keep a tensor lr a tensor (in place)
         new["lr"] = lr.detach().clone().fill_(new["lr"])
+    names = new.get("param_names")
+    if names is not None and not (isinstance(names, (list, tuple)) and len(names) == len(group["params"])):
+        raise StateDictError(f"param group {index}: 'param_names' must be a list of {len(group['params'])} names")
     new["params"] = group["params"]
+    if names is None and "param_names" in group:
+        new["param_names"] = group["param_names"]
     return new
 
 

@@ -12,6 +12,9 @@ what torchsgd8 relies on, all of it below:
 * ``torch._C._profiler._RecordFunctionFast`` (the profiler range, opened in C++) and
   ``torch._C._set_grad_enabled`` (grad mode without torch.no_grad's Python context manager);
 * ``_wrapped_by_lr_sched`` on ``step`` and the ``_opt_called`` attribute (torch.optim.lr_scheduler);
+* ``Optimizer._optimizer_state_dict_pre_hooks`` / ``_post_hooks`` and
+  ``_optimizer_load_state_dict_pre_hooks`` / ``_post_hooks`` (the registries that
+  ``register_state_dict_pre_hook`` etc. fill; torchsgd8 builds and loads its own state dicts);
 * ``_step_supports_amp_scaling`` and the ``grad_scale`` / ``found_inf`` attributes (torch.amp.GradScaler);
 * ``torch._C._dispatch_get_all_op_names`` (the dispatcher's list of registered ops, for
   ``python -m torchsgd8``).
@@ -81,6 +84,33 @@ def _write_step_called(opt: Optimizer, value: bool) -> None:
 def amp_scaling_args(opt: Optimizer) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """(grad_scale, found_inf) set on `opt` by GradScaler.step for the duration of the step, else Nones."""
     return getattr(opt, "grad_scale", None), getattr(opt, "found_inf", None)
+
+
+def state_dict_with_hooks(opt: Optimizer, build: Callable[[], dict]) -> dict:
+    """``build()``'s state dict, with the hooks torch's ``Optimizer.state_dict`` runs: the pre-hooks
+    before, then each post-hook, which may return a replacement."""
+    for pre_hook in opt._optimizer_state_dict_pre_hooks.values():
+        pre_hook(opt)
+    state_dict = build()
+    for post_hook in opt._optimizer_state_dict_post_hooks.values():
+        result = post_hook(opt, state_dict)
+        if result is not None:
+            state_dict = result
+    return state_dict
+
+
+def load_state_dict_with_hooks(opt: Optimizer, state_dict: Any, load: Callable[[Any], None]) -> None:
+    """``load(state_dict)`` with the hooks torch's ``Optimizer.load_state_dict`` runs: each pre-hook gets
+    a shallow copy of the state dict and may return a replacement; the post-hooks run after loading."""
+    if isinstance(state_dict, dict):
+        state_dict = state_dict.copy()
+    for pre_hook in opt._optimizer_load_state_dict_pre_hooks.values():
+        result = pre_hook(opt, state_dict)
+        if result is not None:
+            state_dict = result
+    load(state_dict)
+    for post_hook in opt._optimizer_load_state_dict_post_hooks.values():
+        post_hook(opt)
 
 
 def registered_op_names(namespace: str) -> list[str]:

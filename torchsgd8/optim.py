@@ -18,7 +18,8 @@ from . import _state, ops
 from ._buckets import Bucket, GroupPlan, collect_buckets, planned_buckets
 from ._checks import check_grad, read_bnb_args, validate_group
 from ._layout import EIGHT_BIT, codebook_copy, local
-from ._torch_private import adopt_step_protocols, amp_scaling_args, record_step_called
+from ._torch_private import (adopt_step_protocols, amp_scaling_args, load_state_dict_with_hooks,
+                             record_step_called, state_dict_with_hooks)
 
 __all__ = ["SGD", "SGD8bit", "SGD32bit"]
 
@@ -212,28 +213,36 @@ class SGD(Optimizer):
 
     # ---- state dict ----------------------------------------------------------------------------------
 
+    @torch.compiler.disable
     def state_dict(self) -> dict[str, Any]:
         """torch's layout (``state`` keyed by param index, ``param_groups``) plus a format version.
 
         fp32 buffers are ``momentum_buffer`` (as torch.optim.SGD); 8-bit ones are bitsandbytes' ``step``,
         ``state1``, ``absmax1``, ``qmap1``. Only tensors and Python numbers: ``torch.load(weights_only=True)``
-        reads it.
+        reads it. Hooks registered with ``register_state_dict_pre_hook`` / ``_post_hook`` run as for torch's
+        optimizers (post-hooks see the format version).
         """
-        sd = super().state_dict()
-        sd[_state.FORMAT_KEY] = _state.FORMAT_VERSION
-        return sd
+        return state_dict_with_hooks(self, lambda: _state.pack_state_dict(self.param_groups, self.state))
 
+    @torch.compiler.disable
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state dict saved by torchsgd8, torch.optim.SGD, or bitsandbytes' SGD / SGD8bit / SGD32bit.
 
         Momentum is converted to this optimizer's precision (fp32 <-> 8-bit) where they differ. Every key,
-        shape and dtype is validated before anything changes; errors name the offending parameter.
+        shape and dtype is validated before anything changes; errors name the offending parameter. Hooks
+        registered with ``register_load_state_dict_pre_hook`` / ``_post_hook`` run as for torch's optimizers.
         """
+        load_state_dict_with_hooks(self, state_dict, self._load_state_dict)
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         groups, state = _state.convert_state_dict(self.param_groups, state_dict, self._codebook)
         self.__setstate__({"state": state, "param_groups": groups})
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        # Optimizer.__setstate__ adds differentiable=False to the defaults (torch's optimizers keep it in
+        # every group); torchsgd8's groups hold no such key, and the loop below would add it to each
+        self.defaults.pop("differentiable", None)
         self.__dict__.setdefault("_qmaps", {})
         self.__dict__.setdefault("_step_record", {})
         self._plans = {}
