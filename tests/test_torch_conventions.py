@@ -3,6 +3,10 @@
 protocol (hooks, param names, round trips, the GradScaler flag) is torch's."""
 from __future__ import annotations
 
+import inspect
+import re
+
+import numpy as np
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -245,14 +249,17 @@ def test_a_state_dict_round_trip_changes_nothing(opt_class, case):
     assert all("differentiable" not in group for group in opt.param_groups)
 
 
-def test_a_shared_tensor_lr_stays_shared_after_loading():
-    """Groups that don't set their own lr share the default tensor lr (a scheduler's writes to one group's
-    lr reach all of them); a loaded state dict keeps that sharing, as torch's does."""
-    params = [torch.nn.Parameter(torch.randn(4)) for _ in range(3)]
-    opt = torchsgd8.SGD32bit([{"params": params[:2]}, {"params": params[2:]}], lr=torch.tensor(0.1), momentum=0.9)
+@pytest.mark.parametrize("opt_class", [torch.optim.SGD, torchsgd8.SGD32bit], ids=lambda c: c.__name__)
+def test_a_shared_tensor_lr_stays_shared_after_loading(opt_class):
+    """Groups that don't set their own lr share the default tensor lr, so a per-group schedule's last
+    write wins for all of them (README); a loaded state dict keeps that sharing. As torch's optimizers."""
+    params = [torch.nn.Parameter(torch.randn(4)) for _ in range(2)]
+    opt = opt_class([{"params": params[:1]}, {"params": params[1:]}], lr=torch.tensor(0.1), momentum=0.9)
     assert opt.param_groups[0]["lr"] is opt.param_groups[1]["lr"]
     opt.load_state_dict(opt.state_dict())
     assert opt.param_groups[0]["lr"] is opt.param_groups[1]["lr"]
+    torch.optim.lr_scheduler.LambdaLR(opt, [lambda epoch: 1.0, lambda epoch: 0.5])
+    assert [float(group["lr"]) for group in opt.param_groups] == [float(torch.tensor(0.05))] * 2
 
 
 def test_load_state_dict_keeps_a_user_choice_of_amp_scaling():
@@ -263,3 +270,71 @@ def test_load_state_dict_keeps_a_user_choice_of_amp_scaling():
     opt._step_supports_amp_scaling = False
     opt.load_state_dict(opt.state_dict())
     assert opt._step_supports_amp_scaling is False
+
+
+# ---- drop-in for torch.optim.SGD users ------------------------------------------------------------------
+
+OUR_CLASSES = [torchsgd8.SGD, torchsgd8.SGD8bit, torchsgd8.SGD32bit]
+
+
+@pytest.mark.parametrize("opt_class", OUR_CLASSES, ids=lambda c: c.__name__)
+def test_every_torch_sgd_argument_is_accepted_with_torchs_default(opt_class):
+    """Each argument of torch.optim.SGD's constructor is ours too, of the same kind (positional or
+    keyword-only) and with the same default: lr=1e-3, foreach=None, fused=None, differentiable=False..."""
+    ours = inspect.signature(opt_class.__init__).parameters
+    for name, theirs in inspect.signature(torch.optim.SGD.__init__).parameters.items():
+        assert name in ours, name
+        assert (ours[name].kind, ours[name].default) == (theirs.kind, theirs.default), name
+    p = torch.nn.Parameter(torch.randn(3))
+    assert opt_class([p]).defaults["lr"] == torch.optim.SGD([p]).defaults["lr"] == 1e-3
+
+
+@pytest.mark.parametrize("opt_class", OUR_CLASSES, ids=lambda c: c.__name__)
+def test_docstrings_describe_every_argument(opt_class):
+    doc = inspect.getdoc(opt_class)
+    args = doc[doc.index("Args:"):]
+    for name in list(inspect.signature(opt_class.__init__).parameters)[1:]:
+        assert re.search(rf"^\s+(\w+, )*{name}(, \w+)*:", args, re.MULTILINE), f"{opt_class.__name__}: {name}"
+
+
+@pytest.mark.parametrize("flags", [dict(foreach=True), dict(foreach=False), dict(fused=True), dict(fused=False),
+                                   dict(foreach=None, fused=None, differentiable=False)], ids=str)
+def test_foreach_and_fused_are_accepted_and_change_nothing(flags):
+    results = []
+    for kwargs in ({}, flags):
+        p = torch.nn.Parameter(torch.arange(6.0))
+        opt = torchsgd8.SGD32bit([p], lr=0.1, momentum=0.9, **kwargs)
+        for step in range(3):
+            p.grad = torch.full((6,), float(step + 1))
+            opt.step()
+        results.append((p.detach().clone(), opt.state_dict()))
+    assert torch.equal(results[0][0], results[1][0])
+    assert_identical(results[0][1], results[1][1])
+
+
+def test_differentiable_true_is_not_implemented():
+    with pytest.raises(NotImplementedError, match="differentiable=True is not supported"):
+        torchsgd8.SGD8bit([torch.nn.Parameter(torch.randn(3))], lr=0.1, differentiable=True)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("lr", np.float32(0.25)), ("lr", np.float64(0.25)), ("lr", torch.tensor(0.25)), ("lr", torch.tensor([0.25])),
+    ("weight_decay", np.float32(0.125)), ("weight_decay", torch.tensor(0.125)), ("weight_decay", np.int64(1)),
+    ("momentum", np.float32(0.5)), ("dampening", np.float64(0.5)),
+], ids=lambda v: type(v).__name__ if not isinstance(v, str) else v)
+def test_numpy_scalars_and_one_element_tensors_as_torch_accepts_them(name, value):
+    """A numpy scalar or a 1-element tensor hyperparameter updates as its float does, and as
+    torch.optim.SGD with the same value (values exact in binary, so the results are bitwise equal)."""
+    float_value = float(value)
+    results = []
+    for opt_class, v in ((torchsgd8.SGD32bit, value), (torchsgd8.SGD32bit, float_value), (torch.optim.SGD, value)):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 8))
+        kwargs = {"lr": 0.5, "momentum": 0.75, name: v}
+        opt = opt_class([p], **kwargs)
+        assert opt.param_groups[0][name] is v  # kept as given, as torch keeps it
+        for step in range(3):
+            p.grad = torch.linspace(0, 1, 8) * (step + 1)
+            opt.step()
+        results.append(p.detach().clone())
+    assert torch.equal(results[0], results[1])
+    assert torch.equal(results[0], results[2])
