@@ -13,7 +13,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import torchsgd8
 
-from helpers import raw_bytes, training_step
+from helpers import assert_identical, training_step
 
 
 @pytest.fixture
@@ -128,25 +128,6 @@ def test_a_compiled_step_still_guards_on_momentum_being_zero(fresh_dynamo):
 
 
 # ---- bugs 2-5: the state-dict protocol -------------------------------------------------------------------
-
-def assert_identical(a, b, where="state_dict"):
-    """a and b are the same nested value: dicts with the same keys in the same order, tensors of the same
-    dtype, shape, device and bytes, and every other value of the same type and equal."""
-    assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
-    if isinstance(a, dict):
-        assert list(a) == list(b), f"{where}: keys {list(a)} != {list(b)}"
-        for key in a:
-            assert_identical(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"{where}: length {len(a)} != {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_identical(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert (a.dtype, a.shape, a.device) == (b.dtype, b.shape, b.device), where
-        assert raw_bytes(a) == raw_bytes(b), f"{where}: values differ"
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
 
 def _trained(opt_class=torchsgd8.SGD8bit, named=False, steps=2, **kwargs):
     """An optimizer over a fresh _model() after `steps` steps (fp32 and 8-bit state), and the model."""

@@ -258,7 +258,8 @@ class SGD(Optimizer):
         fp32 buffers are ``momentum_buffer`` (as torch.optim.SGD); 8-bit ones are bitsandbytes' ``step``,
         ``state1``, ``absmax1``, ``qmap1``. Only tensors and Python numbers: ``torch.load(weights_only=True)``
         reads it. Hooks registered with ``register_state_dict_pre_hook`` / ``_post_hook`` run as for torch's
-        optimizers (post-hooks see the format version).
+        optimizers (post-hooks see the format version). ``torchsgd8.to_torch_state_dict`` and
+        ``torchsgd8.to_bitsandbytes_state_dict`` convert it for torch.optim.SGD and bitsandbytes.
         """
         return state_dict_with_hooks(self, lambda: _state.pack_state_dict(self.param_groups, self.state))
 
