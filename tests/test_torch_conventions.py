@@ -3,17 +3,20 @@
 protocol (hooks, param names, round trips, the GradScaler flag) is torch's."""
 from __future__ import annotations
 
+import copy
 import inspect
+import pickle
 import re
 
 import numpy as np
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import torchsgd8
 
-from helpers import assert_identical, training_step
+from helpers import assert_identical, raw_bytes, training_step
 
 
 @pytest.fixture
@@ -319,3 +322,269 @@ def test_numpy_scalars_and_one_element_tensors_as_torch_accepts_them(name, value
         results.append(p.detach().clone())
     assert torch.equal(results[0], results[1])
     assert torch.equal(results[0], results[2])
+
+
+# ---- the same scenarios with torch.optim.SGD and torchsgd8.SGD32bit ---------------------------------------
+
+BOTH = [torch.optim.SGD, torchsgd8.SGD32bit]
+
+
+def _same_behaviour(scenario):
+    """scenario(opt_class) for torch.optim.SGD and SGD32bit: what each observed, which must be equal."""
+    theirs, ours = (scenario(opt_class) for opt_class in BOTH)
+    assert ours == theirs
+    return ours
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+
+
+def _backward(model, seed=0):
+    model(torch.randn(3, 6, generator=torch.Generator().manual_seed(seed))).sum().backward()
+
+
+def _values(tensors):
+    return [raw_bytes(t) for t in tensors]
+
+
+def test_hooks_run_as_torchs():
+    """Step hooks (per optimizer and global, a pre-hook replacing the arguments), state-dict and
+    load-state-dict hooks (a post-hook replacing the state dict): the same calls in the same order."""
+
+    def scenario(opt_class):
+        model = _net()
+        opt = opt_class(model.parameters(), lr=0.1, momentum=0.9)
+        calls = []
+        handles = [
+            opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", o is opt, args == (opt,), kwargs))),
+            opt.register_step_pre_hook(lambda o, args, kwargs: (args, {"closure": lambda: 7.0})),
+            opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", args == (opt,), sorted(kwargs)))),
+            register_optimizer_step_pre_hook(lambda o, args, kwargs: calls.append(("global pre", o is opt))),
+            register_optimizer_step_post_hook(lambda o, args, kwargs: calls.append(("global post", o is opt))),
+            opt.register_state_dict_pre_hook(lambda o: calls.append(("sd pre", o is opt))),
+            opt.register_state_dict_post_hook(lambda o, sd: calls.append(("sd post", sorted(sd["param_groups"][0]) >= ["lr"]))),
+            opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 1}),
+            opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append(("load pre", sd.get("extra")))),
+            opt.register_load_state_dict_pre_hook(lambda o, sd: {k: v for k, v in sd.items() if k != "extra"}),
+            opt.register_load_state_dict_post_hook(lambda o: calls.append(("load post", o is opt))),
+        ]
+        try:
+            _backward(model)
+            loss = opt.step()
+            calls.append(("loss", loss))
+            saved = opt.state_dict()
+            calls.append(("saved extra", saved.get("extra")))
+            opt.load_state_dict(saved)
+        finally:
+            for handle in handles:
+                handle.remove()
+        opt.step()
+        opt.state_dict()
+        return calls
+
+    calls = _same_behaviour(scenario)
+    assert ("loss", 7.0) in calls and ("load post", True) in calls
+
+
+def test_named_params_as_torchs():
+    def scenario(opt_class):
+        model = _net()
+        named = list(model.named_parameters())
+        opt = opt_class(named[:2], lr=0.1, momentum=0.9)
+        opt.add_param_group({"params": named[2:], "lr": 0.2})
+        _backward(model)
+        opt.step()
+        saved = opt.state_dict()
+        opt.load_state_dict(saved)
+        seen = [g["param_names"] for g in opt.param_groups], [g["param_names"] for g in saved["param_groups"]]
+        with pytest.raises(ValueError) as mixed:
+            opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))]})
+        return seen, str(mixed.value)
+
+    _same_behaviour(scenario)
+
+
+def test_state_dict_round_trips_as_torchs():
+    """Both: identical state dicts after load_state_dict(state_dict()), with the same values under the
+    keys they share."""
+
+    def scenario(opt_class):
+        model = _net()
+        opt = opt_class(model.parameters(), lr=torch.tensor(0.1), momentum=0.9, weight_decay=0.01)
+        _backward(model)
+        opt.step()
+        before = opt.state_dict()
+        opt.load_state_dict(before)
+        assert_identical(opt.state_dict(), before)
+        state = {i: {k: raw_bytes(v) for k, v in s.items()} for i, s in before["state"].items()}
+        common = {"lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "params"}
+        groups = [{k: (raw_bytes(v) if isinstance(v, torch.Tensor) else v) for k, v in g.items() if k in common}
+                  for g in before["param_groups"]]
+        return state, groups
+
+    _same_behaviour(scenario)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_as_torchs(how):
+    """A deep copy or pickle round trip of the model and optimizer together: the copy trains on from the
+    same state, apart from the original, with the results of torch's copies."""
+
+    def scenario(opt_class):
+        model = _net()
+        opt = opt_class(model.parameters(), lr=0.1, momentum=0.9)
+        _backward(model)
+        opt.step()
+        model2, opt2 = copy.deepcopy((model, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((model, opt)))
+        assert type(opt2) is opt_class and opt2.param_groups[0]["params"][0] is next(model2.parameters())
+        assert_identical(opt2.state_dict(), opt.state_dict())
+        before = _values(model.parameters())
+        for _ in range(2):
+            opt2.zero_grad()
+            _backward(model2, seed=1)
+            opt2.step()
+        assert _values(model.parameters()) == before
+        return _values(model2.parameters()), repr(opt2) == repr(opt)
+
+    _same_behaviour(scenario)
+
+
+def test_repr_as_torchs():
+    """``Class (\\nParameter Group i\\n    key: value ...)``: torch's layout, the same lines for the keys
+    both have."""
+
+    def scenario(opt_class):
+        model = _net()
+        opt = opt_class([{"params": list(model.parameters())[:2]}, {"params": list(model.parameters())[2:]}],
+                        lr=0.1, momentum=0.9)
+        lines = repr(opt).splitlines()
+        assert lines[0] == f"{opt_class.__name__} (" and lines[-1] == ")"
+        shared = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+        return [line for line in lines[1:-1] if line.startswith("Parameter Group") or line.split(":")[0].strip() in shared]
+
+    _same_behaviour(scenario)
+
+
+def test_zero_grad_and_steps_without_grads_as_torchs():
+    """A step with no grads changes nothing and creates no state; zero_grad() sets grads to None,
+    zero_grad(set_to_none=False) zeroes them, and a step on zero grads updates as torch's does."""
+
+    def scenario(opt_class):
+        model = _net()
+        opt = opt_class(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+        before = _values(model.parameters())
+        opt.step()
+        seen = [_values(model.parameters()) == before, len(opt.state)]
+        _backward(model)
+        opt.step()
+        opt.zero_grad()
+        seen.append([p.grad for p in model.parameters()])
+        _backward(model)
+        opt.zero_grad(set_to_none=False)
+        seen.append([raw_bytes(p.grad) == raw_bytes(torch.zeros_like(p)) for p in model.parameters()])
+        opt.step()
+        return seen + [_values(model.parameters())]
+
+    _same_behaviour(scenario)
+
+
+def test_params_without_grads_as_torchs():
+    """Params without a grad (frozen, or not in the loss) are not updated and get no state."""
+
+    def scenario(opt_class):
+        model = _net()
+        model[0].bias.requires_grad_(False)
+        params = list(model.parameters()) + [torch.nn.Parameter(torch.ones(4))]  # the last is in no loss
+        opt = opt_class(params, lr=0.1, momentum=0.9)
+        before = _values(params)
+        for step in range(2):
+            _backward(model, seed=step)
+            opt.step()
+        after = _values(params)
+        with_state = sorted(i for i, p in enumerate(params) if p in opt.state)
+        return [a == b for a, b in zip(after, before)], with_state, after
+
+    unchanged, with_state, _ = _same_behaviour(scenario)
+    assert unchanged == [False, True, False, False, True] and with_state == [0, 2, 3]
+
+
+def _param():
+    return torch.nn.Parameter(torch.randn(3))
+
+
+ERROR_CASES = {
+    "params is a tensor": lambda c: c(torch.randn(3, requires_grad=True)),
+    "no params": lambda c: c([]),
+    "a param is not a tensor": lambda c: c([1.0]),
+    "a non-leaf param": lambda c: c([torch.randn(3, requires_grad=True) * 2]),
+    "params in a set": lambda c: c([{"params": {_param()}}]),
+    "a param in two groups": lambda c: (lambda p: c([{"params": [p]}, {"params": [p]}]))(_param()),
+    "some params named": lambda c: c([("a", _param()), _param()]),
+    "negative lr": lambda c: c([_param()], lr=-0.1),
+    "2-element tensor lr": lambda c: c([_param()], lr=torch.tensor([0.1, 0.2])),
+    "lr a string": lambda c: c([_param()], lr="0.1"),
+    "lr None": lambda c: c([_param()], lr=None),
+    "negative momentum": lambda c: c([_param()], momentum=-0.5),
+    "momentum a string": lambda c: c([_param()], momentum="0.9"),
+    "negative weight_decay": lambda c: c([_param()], weight_decay=-0.1),
+    "nesterov without momentum": lambda c: c([_param()], nesterov=True),
+    "nesterov with dampening": lambda c: c([_param()], momentum=0.9, dampening=0.1, nesterov=True),
+    "fused and foreach": lambda c: c([_param()], fused=True, foreach=True),
+    "fused and differentiable": lambda c: c([_param()], fused=True, differentiable=True),
+    "add_param_group of a list": lambda c: c([_param()]).add_param_group([_param()]),
+    "add_param_group of a present param": lambda c: (lambda p: c([p]).add_param_group({"params": [p]}))(_param()),
+    "add_param_group named into unnamed": lambda c: c([_param()]).add_param_group({"params": [("a", _param())]}),
+    "load_state_dict with another group count": lambda c: c([_param()]).load_state_dict(
+        c([{"params": [_param()]}, {"params": [_param()]}]).state_dict()),
+    "load_state_dict with another group size": lambda c: c([_param()]).load_state_dict(c([_param(), _param()]).state_dict()),
+}
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_errors_as_torchs(case):
+    """Each input torch.optim.SGD rejects, SGD32bit rejects with the same exception type (or a subclass:
+    StateDictError is a ValueError), so an `except` written for torch catches it."""
+    errors = []
+    for opt_class in BOTH:
+        with pytest.raises(Exception) as info:
+            ERROR_CASES[case](opt_class)
+        errors.append(info.type)
+    assert issubclass(errors[1], errors[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_complex_and_half_precision_params_as_torchs(dtype, nesterov):
+    """Not bitwise (README): torchsgd8 computes bf16/fp16 updates in fp32 and rounds once, torch rounds
+    after each operation; complex updates use fused multiply-adds per real and imaginary part, torch's
+    complex products round each product. Per step, from the same params and buffers, params and buffers
+    differ from torch's by at most about 2 roundings: 2 eps of the dtype times the size of the operands."""
+    lr, momentum, weight_decay = 0.01, 0.9, 0.01
+    eps = torch.finfo(dtype).eps
+    real = torch.view_as_real if dtype.is_complex else (lambda t: t)
+    start = torch.randn(20_000, generator=torch.Generator().manual_seed(0)).to(dtype)
+    if dtype.is_complex:
+        start = start + 1j * torch.randn(20_000, generator=torch.Generator().manual_seed(1)).to(dtype)
+    params = [torch.nn.Parameter(start.clone()) for _ in BOTH]
+    opts = [c([p], lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov) for c, p in zip(BOTH, params)]
+    gen = torch.Generator().manual_seed(2)
+    for step in range(5):
+        grad = torch.randn(start.shape, generator=gen).to(dtype)
+        with torch.no_grad():  # both start each step from SGD32bit's params and buffer
+            params[0].copy_(params[1])
+            if step:
+                opts[0].state[params[0]]["momentum_buffer"].copy_(opts[1].state[params[1]]["momentum_buffer"])
+        p_old = real(params[1].detach()).double().abs()
+        buf_old = real(opts[1].state[params[1]]["momentum_buffer"]).double().abs() if step else 0
+        for p, opt in zip(params, opts):
+            p.grad = grad.clone()
+            opt.step()
+        d = real(grad).double().abs() + weight_decay * p_old
+        buf_scale = momentum * buf_old + d
+        p_scale = p_old + lr * (d + momentum * buf_scale if nesterov else buf_scale)
+        theirs, ours = (real(p.detach()).double() for p in params)
+        their_buf, our_buf = (real(opt.state[p]["momentum_buffer"]).double() for opt, p in zip(opts, params))
+        assert ((ours - theirs).abs() <= 2 * eps * p_scale).all()
+        assert ((our_buf - their_buf).abs() <= 2 * eps * buf_scale).all()

@@ -150,13 +150,14 @@ def _profiled_step(step: Callable) -> Callable:
 
 
 def _run_with_step_hooks(opt: Optimizer, step: Callable, args: tuple, kwargs: dict) -> Any:
+    args = (opt, *args)  # as torch's wrapper: hooks see the step's arguments self first, and may replace them
     for pre_hook in chain(_global_optimizer_pre_hooks.values(), opt._optimizer_step_pre_hooks.values()):
         result = pre_hook(opt, args, kwargs)
         if result is not None:
             if not (isinstance(result, tuple) and len(result) == 2):
                 raise RuntimeError(f"{step} must return None or a tuple of (new_args, new_kwargs), but got {result}.")
             args, kwargs = result
-    out = step(opt, *args, **kwargs)
+    out = step(*args, **kwargs)
     opt._optimizer_step_code()  # where the profiler's Python tracer looks at the optimizer
     for post_hook in chain(opt._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()):
         post_hook(opt, args, kwargs)
