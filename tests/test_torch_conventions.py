@@ -7,6 +7,7 @@ import copy
 import inspect
 import pickle
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -588,3 +589,45 @@ def test_complex_and_half_precision_params_as_torchs(dtype, nesterov):
         their_buf, our_buf = (real(opt.state[p]["momentum_buffer"]).double() for opt, p in zip(opts, params))
         assert ((ours - theirs).abs() <= 2 * eps * p_scale).all()
         assert ((our_buf - their_buf).abs() <= 2 * eps * buf_scale).all()
+
+
+def _sparse_grad_step(opt_class):
+    p = torch.nn.Parameter(torch.randn(4, 2))
+    opt = opt_class([p], lr=0.1)
+    p.grad = torch.randn(4, 2).to_sparse()
+    opt.step()
+
+
+def _load_negative_lr(opt_class):
+    opt = opt_class([_param()], lr=0.1)
+    saved = opt.state_dict()
+    saved["param_groups"][0]["lr"] = -1.0
+    opt.load_state_dict(saved)
+
+
+STRICTER_CASES = {  # README, "Stricter than torch.optim.SGD"
+    "a param twice in a group": (lambda c: (lambda p: c([p, p], lr=0.1))(_param()), ValueError),
+    "a sparse grad": (_sparse_grad_step, RuntimeError),
+    "a sparse param": (lambda c: c([torch.randn(3, 3).to_sparse().requires_grad_()], lr=0.1), ValueError),
+    "an integer param": (lambda c: c([torch.zeros(3, dtype=torch.long)], lr=0.1), ValueError),
+    "NaN lr": (lambda c: c([_param()], lr=float("nan")), ValueError),
+    "infinite momentum": (lambda c: c([_param()], momentum=float("inf")), ValueError),
+    "infinite weight_decay": (lambda c: c([_param()], weight_decay=float("inf")), ValueError),
+    "negative dampening": (lambda c: c([_param()], dampening=-1.0), ValueError),
+    "lr requiring grad": (lambda c: c([_param()], lr=torch.tensor(0.1, requires_grad=True)), ValueError),
+    "negative lr in add_param_group": (lambda c: c([_param()]).add_param_group({"params": [_param()], "lr": -1.0}),
+                                       ValueError),
+    "negative lr in load_state_dict": (_load_negative_lr, ValueError),
+    "differentiable": (lambda c: c([_param()], differentiable=True), NotImplementedError),
+}
+
+
+@pytest.mark.parametrize("case", list(STRICTER_CASES))
+def test_deliberately_stricter_than_torch(case):
+    """Inputs torch.optim.SGD accepts and torchsgd8 rejects on purpose, each listed in the README."""
+    make, error = STRICTER_CASES[case]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optimizer.add_param_group warns about the duplicate param
+        make(torch.optim.SGD)
+        with pytest.raises(error):
+            make(torchsgd8.SGD32bit)
