@@ -1,8 +1,9 @@
 """Helpers several test files share: same grads for optimizers run side by side, a compiled training step,
-and a bytewise snapshot of an optimizer for checking that a failed call changed nothing."""
+a bytewise comparison of nested values (state dicts), and a bytewise snapshot of an optimizer for checking
+that a failed call changed nothing."""
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -42,6 +43,25 @@ def raw_bytes(t: Tensor) -> bytes:
     if t.is_complex():
         t = torch.view_as_real(t)
     return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def assert_identical(a: Any, b: Any, where: str = "state_dict") -> None:
+    """a and b are the same nested value: dicts with the same keys in the same order, tensors of the same
+    dtype, shape, device and bytes, and every other value of the same type and equal."""
+    assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
+    if isinstance(a, dict):
+        assert list(a) == list(b), f"{where}: keys {list(a)} != {list(b)}"
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: length {len(a)} != {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert (a.dtype, a.shape, a.device) == (b.dtype, b.shape, b.device), where
+        assert raw_bytes(a) == raw_bytes(b), f"{where}: values differ"
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def optimizer_snapshot(opt: torch.optim.Optimizer, params: Optional[Sequence[Tensor]] = None) -> dict:

@@ -346,7 +346,7 @@ BAD_HYPER = [
     ("weight_decay", -1e-4, ValueError, "Invalid weight_decay value"),
     ("weight_decay", float("nan"), ValueError, "Invalid weight_decay value: nan"),
     ("weight_decay", float("inf"), ValueError, "Invalid weight_decay value: inf"),
-    ("weight_decay", torch.tensor(0.1), TypeError, "weight_decay must be a Python number"),
+    ("weight_decay", torch.tensor([0.1, 0.2]), ValueError, r"weight_decay must be 1-element, got shape \(2,\)"),
 ]
 
 

@@ -58,9 +58,9 @@ def test_whole_training_step_under_one_cycle_lr_compiles_at_most_twice(optim_bit
 
 @pytest.mark.parametrize("optim_bits", [32, 8])
 def test_float_lr_under_a_schedule_does_not_recompile(optim_bits):
-    """Plain float lr/momentum written by a scheduler every step: dynamo (torch 2.13) specialises on the
-    first value, recompiles once when it changes and then treats it as dynamic: at most 3 frames in all
-    (README), not one per step."""
+    """Plain float lr written by a scheduler every step: at most 2 frames in all (the first step creates
+    the state), not one per step (README; test_torch_conventions.py checks the inductor and aot_eager
+    backends)."""
     model = _model()
     opt = torchsgd8.SGD(model.parameters(), lr=0.05, momentum=0.9, optim_bits=optim_bits, min_8bit_size=1000)
     counter = CompileCounter()
@@ -74,7 +74,7 @@ def test_float_lr_under_a_schedule_does_not_recompile(optim_bits):
         sched.step()
         lrs.add(opt.param_groups[0]["lr"])
     assert len(lrs) == 30 and all(isinstance(lr, float) for lr in lrs)
-    assert counter.frame_count <= 3
+    assert counter.frame_count <= 2
 
 
 @pytest.mark.parametrize("optim_bits", [32, 8])

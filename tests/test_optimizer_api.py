@@ -434,8 +434,9 @@ def test_step_pre_hook_can_replace_the_arguments(gen):
     opt = torchsgd8.SGD8bit(params, lr=0.1, momentum=0.9)
     set_same_grads([params], gen)
     calls = []
-    opt.register_step_pre_hook(lambda o, args, kwargs: ((), {"closure": lambda: calls.append(1) or 3.0}))
-    assert opt.step() == 3.0 and calls == [1]
+    # as with torch's optimizers, the hook's args start with the optimizer itself
+    opt.register_step_pre_hook(lambda o, args, kwargs: (args, {"closure": lambda: calls.append(args[0] is o) or 3.0}))
+    assert opt.step() == 3.0 and calls == [True]
     opt.register_step_pre_hook(lambda o, args, kwargs: "not a pair")
     with pytest.raises(RuntimeError, match="must return None or a tuple"):
         opt.step()

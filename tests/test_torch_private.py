@@ -137,3 +137,20 @@ def test_grad_scaler_hands_grad_scale_and_found_inf_to_a_supporting_step():
         CHANGED.format(what="GradScaler's _step_supports_amp_scaling protocol: grad_scale / found_inf not set")
     assert grad_scale.item() == 4.0 and found_inf.item() == 0.0
     assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")  # only for the duration of step
+
+
+def test_state_dict_hook_registries_are_the_dicts_register_fills():
+    opt = _Probe()
+    registrations = {
+        "_optimizer_state_dict_pre_hooks": opt.register_state_dict_pre_hook,
+        "_optimizer_state_dict_post_hooks": opt.register_state_dict_post_hook,
+        "_optimizer_load_state_dict_pre_hooks": opt.register_load_state_dict_pre_hook,
+        "_optimizer_load_state_dict_post_hooks": opt.register_load_state_dict_post_hook,
+    }
+    for name, register in registrations.items():
+        hook = lambda *args: None  # noqa: E731
+        handle = register(hook)
+        assert getattr(opt, name, {}).get(handle.id) is hook, \
+            CHANGED.format(what=f"Optimizer.{name}: the registered hook is not there")
+        handle.remove()
+        assert handle.id not in getattr(opt, name)

@@ -3,6 +3,7 @@ load_state_dict), bitsandbytes' `args` object, and grads (each step, before anyt
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -20,13 +21,12 @@ _BNB_ARGS_UNSUPPORTED_DEFAULTS = {
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """Python and numpy ints and floats (numbers.Real), not bools."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _check_hyperparameter(name: str, value: Any, *, allow_tensor: bool) -> None:
+def _check_hyperparameter(name: str, value: Any) -> None:
     if isinstance(value, Tensor):
-        if not allow_tensor:
-            raise TypeError(f"torchsgd8: {name} must be a Python number, got a tensor")
         if value.numel() != 1:
             raise ValueError(f"torchsgd8: Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
         if value.requires_grad:
@@ -44,10 +44,9 @@ def _check_hyperparameter(name: str, value: Any, *, allow_tensor: bool) -> None:
 
 def validate_group(group: dict) -> None:
     """Checks one param group's hyperparameters and params; raises ValueError/TypeError a user can act on."""
-    _check_hyperparameter("learning rate", group["lr"], allow_tensor=True)
-    _check_hyperparameter("momentum", group["momentum"], allow_tensor=True)
-    _check_hyperparameter("dampening", group["dampening"], allow_tensor=False)
-    _check_hyperparameter("weight_decay", group["weight_decay"], allow_tensor=False)
+    for key, name in (("lr", "learning rate"), ("momentum", "momentum"), ("dampening", "dampening"),
+                      ("weight_decay", "weight_decay")):
+        _check_hyperparameter(name, group[key])
     if group["nesterov"] and (float(group["momentum"]) <= 0 or group["dampening"] != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
     if group["optim_bits"] not in (8, 32):
@@ -61,6 +60,19 @@ def validate_group(group: dict) -> None:
             raise ValueError("torchsgd8: sparse parameters are not supported")
         if not (p.is_floating_point() or p.is_complex()):
             raise ValueError(f"torchsgd8: can only optimize floating-point or complex params, got {p.dtype}")
+
+
+def check_torch_sgd_flags(foreach: Any, fused: Any, differentiable: Any) -> None:
+    """torch.optim.SGD's `foreach`, `fused` and `differentiable`. torchsgd8 has one implementation, fused
+    ops making one call per bucket, so `foreach` and `fused` choose nothing; their contradictory
+    combinations raise torch's errors, and `differentiable=True` is not implemented."""
+    if fused and foreach:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    if fused and differentiable:
+        raise RuntimeError("`fused` does not support `differentiable`")
+    if differentiable:
+        raise NotImplementedError("torchsgd8: differentiable=True is not supported: the fused update ops are "
+                                  "not differentiable, autograd cannot go through a step (use torch.optim.SGD)")
 
 
 def read_bnb_args(args: Any, optim_bits: int, min_8bit_size: int) -> tuple[int, int]:

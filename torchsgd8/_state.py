@@ -1,4 +1,5 @@
-"""State-dict format: version, validation, and conversion from torch.optim.SGD and bitsandbytes layouts.
+"""State-dict format: version, validation, conversion from torch.optim.SGD and bitsandbytes layouts, and
+export to them (to_torch_state_dict, to_bitsandbytes_state_dict).
 
 Per-param state in torchsgd8 is one of
   * nothing (momentum == 0, or the param never had a gradient),
@@ -38,11 +39,24 @@ BNB_WRAPPED_KEY = "__bnb_optimizer_quant_state__"
 # Keys bitsandbytes may store that carry no momentum information for SGD (statistics for clipping).
 _BNB_IGNORABLE_KEYS = {"gnorm_vec", "unorm_vec"}
 # Group keys torch.optim.SGD / bitsandbytes store that torchsgd8 does not use.
-_FOREIGN_GROUP_KEYS = {"foreach", "fused", "differentiable", "betas", "eps", "param_names"}
+_FOREIGN_GROUP_KEYS = {"foreach", "fused", "differentiable", "betas", "eps"}
 
 
 class StateDictError(ValueError):
     """A state dict that cannot be loaded; the message names the group or parameter."""
+
+
+def pack_state_dict(param_groups: list[dict], state: dict) -> dict[str, Any]:
+    """torch's state-dict layout (``state`` keyed by each param's position across the groups, groups with
+    those positions as ``params``) plus the format version. Values are the optimizer's own, not copies."""
+    positions: dict[int, int] = {}
+    groups = []
+    for group in param_groups:
+        packed = {k: v for k, v in group.items() if k != "params"}
+        packed["params"] = [positions.setdefault(id(p), len(positions)) for p in group["params"]]
+        groups.append(packed)
+    packed_state = {(positions[id(p)] if isinstance(p, Tensor) else p): v for p, v in state.items()}
+    return {"state": packed_state, "param_groups": groups, FORMAT_KEY: FORMAT_VERSION}
 
 
 def convert_state_dict(groups: list[dict], state_dict: dict[str, Any],
@@ -82,7 +96,12 @@ def convert_state_dict(groups: list[dict], state_dict: dict[str, Any],
                 f"param group {i} has {len(group['params'])} params, the state dict's has {len(saved['params'])}"
             )
 
-    new_groups = [_convert_group(group, saved, i) for i, (group, saved) in enumerate(zip(groups, saved_groups))]
+    # deep-copied as torch does, so two optimizers never share a tensor hyperparameter or rounding seed;
+    # in one call, so groups that shared one (a default tensor lr) still share its copy
+    copies = copy.deepcopy([{k: v for k, v in g.items() if k not in _FOREIGN_GROUP_KEYS and k != "params"}
+                            for g in saved_groups])
+    new_groups = [_convert_group(group, saved, new, i)
+                  for i, (group, saved, new) in enumerate(zip(groups, saved_groups, copies))]
     for group in new_groups:
         try:
             validate_group(group)
@@ -106,11 +125,11 @@ def convert_state_dict(groups: list[dict], state_dict: dict[str, Any],
     return new_groups, state
 
 
-def _convert_group(group: dict, saved: dict, index: int) -> dict:
-    """Saved hyperparameters win (that is what loading means); precision (optim_bits, min_8bit_size)
-    stays this optimizer's, so e.g. a torch.optim.SGD checkpoint loads into SGD8bit as 8-bit state."""
-    # deep-copied as torch does, so two optimizers never share a tensor hyperparameter or rounding seed
-    new = copy.deepcopy({k: v for k, v in saved.items() if k not in _FOREIGN_GROUP_KEYS and k != "params"})
+def _convert_group(group: dict, saved: dict, new: dict, index: int) -> dict:
+    """The param group that loading `saved` (whose copy is `new`, without foreign keys and params) into
+    `group` gives. Saved hyperparameters win (that is what loading means); precision (optim_bits,
+    min_8bit_size) stays this optimizer's, so e.g. a torch.optim.SGD checkpoint loads into SGD8bit as
+    8-bit state. Param names are the saved ones, else the group's (as torch's)."""
     if "betas" in saved and "momentum" not in saved:  # bitsandbytes stores (momentum, dampening) as betas
         betas = saved["betas"]
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
@@ -134,7 +153,12 @@ def _convert_group(group: dict, saved: dict, index: int) -> dict:
     lr = group["lr"]
     if isinstance(lr, Tensor) and not isinstance(new["lr"], Tensor):  # keep a tensor lr a tensor (in place)
         new["lr"] = lr.detach().clone().fill_(new["lr"])
+    names = new.get("param_names")
+    if names is not None and not (isinstance(names, (list, tuple)) and len(names) == len(group["params"])):
+        raise StateDictError(f"param group {index}: 'param_names' must be a list of {len(group['params'])} names")
     new["params"] = group["params"]
+    if names is None and "param_names" in group:
+        new["param_names"] = group["param_names"]
     return new
 
 
@@ -270,3 +294,136 @@ def _8bit_state(codebook: Callable[[torch.device], Tensor], param: Tensor, codes
     return {"step": step.to(step_counter_device(param)), "state1": codes, "absmax1": absmax,
             "qmap1": codebook(param.device)}
 
+
+
+# ---- export: torchsgd8 state dicts in torch.optim.SGD's and bitsandbytes' formats ---------------------------
+
+# Group keys of torchsgd8's own, which neither torch.optim.SGD nor bitsandbytes has.
+_OWN_GROUP_KEYS = {"optim_bits", "min_8bit_size", "stochastic_rounding", "rounding_seed"}
+# torch.optim.SGD's hyperparameters (bitsandbytes keeps lr and weight_decay, and momentum and dampening
+# as its `betas`).
+_TORCH_SGD_HYPERPARAMETERS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+
+
+def to_torch_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A torchsgd8 state dict (``opt.state_dict()``) in torch.optim.SGD's format, for
+    ``torch.optim.SGD.load_state_dict``: 8-bit momentum decoded into a float32 ``momentum_buffer`` (torch
+    casts it to the param's dtype when loading), full-precision buffers as they are, and the param groups
+    without torchsgd8's own keys (``optim_bits``, ``min_8bit_size``, ``stochastic_rounding``,
+    ``rounding_seed``); a tensor momentum becomes a float. Shares no tensor with `state_dict`.
+    """
+    groups, state = _read_own_state_dict(state_dict)
+    new_groups = copy.deepcopy([{k: v for k, v in g.items() if k not in _OWN_GROUP_KEYS} for g in groups])
+    for group in new_groups:
+        group["momentum"] = _as_number(group["momentum"])
+    new_state = {}
+    for pid, saved in state.items():
+        kind, value = _read_own_param_state(saved, f"param {pid!r}")
+        if kind is NONE:
+            new_state[pid] = {}
+        else:
+            new_state[pid] = {"momentum_buffer": value.clone() if kind is FULL else _decode(*value[:3])}
+    return {"state": new_state, "param_groups": new_groups}
+
+
+def to_bitsandbytes_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A torchsgd8 state dict (``opt.state_dict()``) in the format of bitsandbytes' SGD, SGD8bit and
+    SGD32bit (0.50): groups of ``lr``, ``betas`` = (momentum, dampening), ``eps``, ``weight_decay`` (as
+    numbers), and per param ``step`` (an int) and, under ``"__bnb_optimizer_quant_state__"``, ``state1``
+    with ``absmax1`` and ``qmap1`` for 8-bit state or a float32 ``state1`` for full-precision state.
+
+    8-bit codes are kept where bitsandbytes' blocks (of the flattened tensor) are torchsgd8's: flat
+    layouts, and per-row layouts whose rows are whole 256-element blocks; other per-row state is decoded
+    and requantized in bitsandbytes' blocks (within quantization error). Params with full-precision state
+    get step 1 (torchsgd8 counts no steps for them; bitsandbytes' SGD reads the count only to tell a
+    first step). Raises StateDictError for what bitsandbytes' SGD would silently compute differently:
+    ``nesterov``, ``maximize`` or a nonzero ``dampening`` (its kernels ignore them), and complex params.
+    Shares no tensor with `state_dict`.
+    """
+    groups, state = _read_own_state_dict(state_dict)
+    new_groups = []
+    for i, group in enumerate(groups):
+        for key in ("nesterov", "maximize"):
+            if group.get(key):
+                raise StateDictError(f"param group {i} has {key}=True, which bitsandbytes' SGD does not implement")
+        if _as_number(group["dampening"]) != 0:
+            raise StateDictError(f"param group {i} has dampening {group['dampening']}, which bitsandbytes' SGD "
+                                 "does not implement")
+        new = {"lr": _as_number(group["lr"]), "betas": (_as_number(group["momentum"]), _as_number(group["dampening"])),
+               "eps": 0.0, "weight_decay": _as_number(group["weight_decay"])}
+        others = {k: v for k, v in group.items()
+                  if k not in _OWN_GROUP_KEYS and k not in _TORCH_SGD_HYPERPARAMETERS and k != "params"}
+        new.update(copy.deepcopy(others))
+        new["params"] = list(group["params"])
+        new_groups.append(new)
+    new_state = {}
+    for pid, saved in state.items():
+        where = f"param {pid!r}"
+        kind, value = _read_own_param_state(saved, where)
+        if kind is NONE:
+            new_state[pid] = {}
+        elif kind is FULL:
+            if value.is_complex():
+                raise StateDictError(f"{where}: complex state, which bitsandbytes' SGD does not implement")
+            state1 = value.float() if value.dtype in (torch.bfloat16, torch.float16) else value.clone()
+            new_state[pid] = {"step": 1, BNB_WRAPPED_KEY: {"state1": state1}}
+        else:
+            codes, absmax, qmap, step = value
+            codes, absmax = _flat_blocks(codes, absmax, qmap)
+            new_state[pid] = {"step": int(step.item()),
+                              BNB_WRAPPED_KEY: {"state1": codes, "qmap1": qmap.clone(), "absmax1": absmax}}
+    return {"state": new_state, "param_groups": new_groups}
+
+
+def _read_own_state_dict(state_dict: Any) -> tuple[list[dict], dict]:
+    """(param groups, state) of a torchsgd8 state dict, or StateDictError."""
+    if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+        raise StateDictError("optimizer state dict must be a dict with 'state' and 'param_groups'")
+    version = state_dict.get(FORMAT_KEY)
+    if type(version) is not int or version not in _READABLE_VERSIONS:
+        raise StateDictError(f"not a torchsgd8 state dict (format version {version!r}; this torchsgd8 reads "
+                             f"versions {', '.join(map(str, _READABLE_VERSIONS))})")
+    groups, state = state_dict["param_groups"], state_dict["state"]
+    if not isinstance(state, dict) or not isinstance(groups, (list, tuple)) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), (list, tuple)) for g in groups):
+        raise StateDictError("'state' must be a dict and 'param_groups' a list of dicts with 'params'")
+    for i, group in enumerate(groups):
+        missing = [key for key in ("lr", "momentum", "dampening", "weight_decay") if key not in group]
+        if missing:
+            raise StateDictError(f"param group {i} has no {missing}")
+    return list(groups), state
+
+
+def _read_own_param_state(saved: Any, where: str) -> tuple[StateKind, Any]:
+    """A param's torchsgd8 state as _read_momentum reads it: (NONE, None), (FULL, buffer) or
+    (EIGHT_BIT, (codes, absmax, qmap, step))."""
+    if not isinstance(saved, dict):
+        raise StateDictError(f"{where}: state must be a dict, got {type(saved).__name__}")
+    keys = set(saved)
+    if keys not in (set(), {"momentum_buffer"}, {"step", "state1", "absmax1", "qmap1"}):
+        raise StateDictError(f"{where}: not torchsgd8 state (keys {_names(keys)})")
+    if not keys:
+        return NONE, None
+    if "momentum_buffer" in keys:
+        buf = saved["momentum_buffer"]
+        return (NONE, None) if buf is None else (FULL, _check_tensor(buf, where, "momentum_buffer", floating=True))
+    codes = _check_tensor(saved["state1"], where, "state1", dtype=torch.uint8)
+    absmax = _check_tensor(saved["absmax1"], where, "absmax1", dtype=torch.float32)
+    if tuple(absmax.shape) not in {ops.absmax_shape(codes.shape, per_row=False)} | (
+            {ops.absmax_shape(codes.shape, per_row=True)} if codes.dim() >= 2 else set()):
+        raise StateDictError(f"{where}: 'absmax1' has shape {tuple(absmax.shape)}, which fits no block layout "
+                             f"of 'state1' {tuple(codes.shape)}")
+    qmap = _check_tensor(saved["qmap1"], where, "qmap1", shape=(256,), dtype=torch.float32)
+    return EIGHT_BIT, (codes, absmax, qmap, _read_step(saved["step"], where))
+
+
+def _flat_blocks(codes: Tensor, absmax: Tensor, qmap: Tensor) -> tuple[Tensor, Tensor]:
+    """8-bit state in bitsandbytes' blocks (of the flattened tensor): new tensors."""
+    if _same_blocks(codes.shape, tuple(absmax.shape), ops.absmax_shape(codes.shape, per_row=False)):
+        return codes.clone(), absmax.reshape(-1).clone()
+    return ops.quantize_blockwise(_decode(codes, absmax, qmap), per_row=False)
+
+
+def _as_number(value: Any) -> Any:
+    """A Python number for a tensor or numpy hyperparameter; Python numbers as they are."""
+    return value if type(value) in (int, float) else float(value)

@@ -12,6 +12,9 @@ what torchsgd8 relies on, all of it below:
 * ``torch._C._profiler._RecordFunctionFast`` (the profiler range, opened in C++) and
   ``torch._C._set_grad_enabled`` (grad mode without torch.no_grad's Python context manager);
 * ``_wrapped_by_lr_sched`` on ``step`` and the ``_opt_called`` attribute (torch.optim.lr_scheduler);
+* ``Optimizer._optimizer_state_dict_pre_hooks`` / ``_post_hooks`` and
+  ``_optimizer_load_state_dict_pre_hooks`` / ``_post_hooks`` (the registries that
+  ``register_state_dict_pre_hook`` etc. fill; torchsgd8 builds and loads its own state dicts);
 * ``_step_supports_amp_scaling`` and the ``grad_scale`` / ``found_inf`` attributes (torch.amp.GradScaler);
 * ``torch._C._dispatch_get_all_op_names`` (the dispatcher's list of registered ops, for
   ``python -m torchsgd8``).
@@ -83,6 +86,33 @@ def amp_scaling_args(opt: Optimizer) -> tuple[Optional[Tensor], Optional[Tensor]
     return getattr(opt, "grad_scale", None), getattr(opt, "found_inf", None)
 
 
+def state_dict_with_hooks(opt: Optimizer, build: Callable[[], dict]) -> dict:
+    """``build()``'s state dict, with the hooks torch's ``Optimizer.state_dict`` runs: the pre-hooks
+    before, then each post-hook, which may return a replacement."""
+    for pre_hook in opt._optimizer_state_dict_pre_hooks.values():
+        pre_hook(opt)
+    state_dict = build()
+    for post_hook in opt._optimizer_state_dict_post_hooks.values():
+        result = post_hook(opt, state_dict)
+        if result is not None:
+            state_dict = result
+    return state_dict
+
+
+def load_state_dict_with_hooks(opt: Optimizer, state_dict: Any, load: Callable[[Any], None]) -> None:
+    """``load(state_dict)`` with the hooks torch's ``Optimizer.load_state_dict`` runs: each pre-hook gets
+    a shallow copy of the state dict and may return a replacement; the post-hooks run after loading."""
+    if isinstance(state_dict, dict):
+        state_dict = state_dict.copy()
+    for pre_hook in opt._optimizer_load_state_dict_pre_hooks.values():
+        result = pre_hook(opt, state_dict)
+        if result is not None:
+            state_dict = result
+    load(state_dict)
+    for post_hook in opt._optimizer_load_state_dict_post_hooks.values():
+        post_hook(opt)
+
+
 def registered_op_names(namespace: str) -> list[str]:
     """The names ("<namespace>::<op>") of every op registered in `namespace`, sorted. torch has no public
     listing of a library's ops."""
@@ -120,13 +150,14 @@ def _profiled_step(step: Callable) -> Callable:
 
 
 def _run_with_step_hooks(opt: Optimizer, step: Callable, args: tuple, kwargs: dict) -> Any:
+    args = (opt, *args)  # as torch's wrapper: hooks see the step's arguments self first, and may replace them
     for pre_hook in chain(_global_optimizer_pre_hooks.values(), opt._optimizer_step_pre_hooks.values()):
         result = pre_hook(opt, args, kwargs)
         if result is not None:
             if not (isinstance(result, tuple) and len(result) == 2):
                 raise RuntimeError(f"{step} must return None or a tuple of (new_args, new_kwargs), but got {result}.")
             args, kwargs = result
-    out = step(opt, *args, **kwargs)
+    out = step(*args, **kwargs)
     opt._optimizer_step_code()  # where the profiler's Python tracer looks at the optimizer
     for post_hook in chain(opt._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()):
         post_hook(opt, args, kwargs)

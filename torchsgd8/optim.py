@@ -16,9 +16,10 @@ from torch.optim import Optimizer
 
 from . import _state, ops
 from ._buckets import Bucket, GroupPlan, collect_buckets, planned_buckets
-from ._checks import check_grad, read_bnb_args, validate_group
+from ._checks import check_grad, check_torch_sgd_flags, read_bnb_args, validate_group
 from ._layout import EIGHT_BIT, codebook_copy, local
-from ._torch_private import adopt_step_protocols, amp_scaling_args, record_step_called
+from ._torch_private import (adopt_step_protocols, amp_scaling_args, load_state_dict_with_hooks,
+                             record_step_called, state_dict_with_hooks)
 
 __all__ = ["SGD", "SGD8bit", "SGD32bit"]
 
@@ -36,38 +37,75 @@ def _ensure_rounding_seed(group: dict) -> None:
         group["rounding_seed"] = torch.randint(0, 2**62, (), dtype=torch.int64)
 
 
-def _as_tensor(value: float | Tensor) -> Tensor:
-    """Hyperparameters go to the ops as 0-dim tensors, so schedules don't recompile compiled steps."""
-    return value if isinstance(value, Tensor) else torch.tensor(float(value), dtype=torch.float64)
+def _float64_tensor(value: float) -> Tensor:
+    """`value` as a 0-dim float64 tensor, for the ops. Made by adding it to a zero tensor: under
+    torch.compile a Python float added to a tensor stays symbolic (a graph input), so a schedule that
+    writes a new float every step does not recompile, whereas torch.tensor(value) needs the concrete
+    value, and dynamo would specialise on it and recompile for each new one."""
+    return torch.zeros((), dtype=torch.float64) + value
+
+
+def _docstring(summary: str, state: str, optim_bits_arg: str = "") -> str:
+    """A class docstring: `summary`, `state` (the momentum state kept), the arguments."""
+    return f"""{summary}
+
+    The update is exactly torch.optim.SGD's, and the constructor takes torch.optim.SGD's arguments as
+    well as bitsandbytes'. {state}
+
+    Args:
+        params: an iterable of parameters, of ``(name, parameter)`` pairs (``model.named_parameters()``;
+            each group then keeps the names as ``param_names``), or of param-group dicts, which may set
+            any of the hyperparameters below (``lr`` to ``stochastic_rounding``, except ``args``).
+        lr: learning rate (default 1e-3, as torch's). A number or a 1-element tensor; LR schedulers write
+            a new float into each group's ``lr``, or update a tensor in place, and neither recompiles a
+            compiled step. Groups that don't set their own lr share the default: one tensor for all.
+        momentum: momentum factor (default 0: plain SGD, no state). A number or a 1-element tensor; a
+            tensor momentum always keeps a buffer, since reading its value would sync a device.
+        dampening: dampening for momentum (default 0).
+        weight_decay: L2 penalty added to the gradient (default 0). A number or a 1-element tensor (a
+            tensor's value is read on the host at every step: use a number under torch.compile).
+        nesterov: Nesterov momentum (default False); needs momentum > 0 and dampening 0.
+{optim_bits_arg}        args: a bitsandbytes argument object (often an argparse namespace): its ``optim_bits`` and
+            ``min_8bit_size`` override the keywords; bitsandbytes features torchsgd8 does not implement
+            (``percentile_clipping``, ``max_unorm``, ...) raise NotImplementedError unless off.
+        min_8bit_size: params with fewer elements keep a full-precision buffer even with 8-bit state
+            (default 4096).
+        maximize: maximize the objective instead of minimizing it (default False).
+        stochastic_rounding: round bf16 params stochastically after each update (default False;
+            unbiased, so updates below half a bf16 ulp are not lost on average). Reproducible: the group's
+            ``rounding_seed`` (an int64 tensor drawn from torch's default generator, saved in the state
+            dict) advances every step.
+        foreach, fused: accepted as torch.optim.SGD takes them, and choose nothing: torchsgd8 always
+            makes one fused op call per (device, dtype, state kind) bucket of a group's params. Both
+            True raises RuntimeError, as in torch.
+        differentiable: must be False: the fused ops are not differentiable (NotImplementedError).
+    """
+
+
+_EIGHT_BIT_STATE = """The momentum of float32, bfloat16 and float16 params with at least
+    ``min_8bit_size`` elements is kept as 8-bit codes, in blocks of 256 with one float32 absmax each
+    (bitsandbytes' ``state1``, ``absmax1``, ``qmap1``, ``step``); other params keep torch's
+    ``momentum_buffer``."""
+_FULL_STATE = "The momentum buffer is torch's ``momentum_buffer``, in the param's dtype."
 
 
 @adopt_step_protocols
 class SGD(Optimizer):
-    """Stochastic gradient descent with (optionally 8-bit) momentum; exactly torch.optim.SGD's rule.
-
-    Args:
-        params: iterable of parameters or param-group dicts (groups may override any hyperparameter,
-            including ``optim_bits`` and ``min_8bit_size``).
-        lr: learning rate, a float or a 1-element tensor (a tensor lets LR schedules run without
-            recompiling a compiled step).
-        momentum, dampening, weight_decay, nesterov, maximize: as in torch.optim.SGD.
-        optim_bits: 32 keeps the momentum buffer in the param's dtype (torch's ``momentum_buffer``);
-            8 stores it as blockwise-quantized uint8 codes (bitsandbytes' ``state1``/``absmax1``/``qmap1``).
-        args: a bitsandbytes-style argument object; its ``optim_bits`` and ``min_8bit_size`` override
-            the keyword arguments.
-        min_8bit_size: params with fewer elements keep a full-precision buffer even when optim_bits=8.
-        stochastic_rounding: round bf16 params stochastically after each update (unbiased, so updates
-            below half a bf16 ulp are not lost). Reproducible: the group's ``rounding_seed`` (an int64
-            tensor drawn from torch's default generator, saved in the state dict) advances every step.
-    """
+    __doc__ = _docstring(
+        "Stochastic gradient descent with momentum kept in 32 or 8 bits (bitsandbytes' ``SGD``).",
+        "``optim_bits`` chooses the momentum state.",
+        """        optim_bits: 32 (default): the momentum buffer is torch's ``momentum_buffer``, in the param's
+            dtype. 8: float32, bfloat16 and float16 params of at least ``min_8bit_size`` elements keep
+            it as 8-bit codes (bitsandbytes' ``state1``, ``absmax1``, ``qmap1``, ``step``).
+""")
 
     def __init__(
         self,
         params,
-        lr: float | Tensor,
+        lr: float | Tensor = 1e-3,
         momentum: float | Tensor = 0,
-        dampening: float = 0,
-        weight_decay: float = 0,
+        dampening: float | Tensor = 0,
+        weight_decay: float | Tensor = 0,
         nesterov: bool = False,
         optim_bits: int = 32,
         args: Any = None,
@@ -75,7 +113,11 @@ class SGD(Optimizer):
         *,
         maximize: bool = False,
         stochastic_rounding: bool = False,
+        foreach: Optional[bool] = None,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
     ) -> None:
+        check_torch_sgd_flags(foreach, fused, differentiable)
         optim_bits, min_8bit_size = read_bnb_args(args, optim_bits, min_8bit_size)
         defaults = dict(
             lr=lr,
@@ -182,12 +224,14 @@ class SGD(Optimizer):
         """group[name] as a 0-dim tensor. Eager steps reuse the last one made while the value stays the same
         (making one costs ~2 us)."""
         value = group[name]
-        if isinstance(value, Tensor) or compiling:
-            return _as_tensor(value)
+        if isinstance(value, Tensor):
+            return value
+        if compiling:  # a float as it is, to keep it symbolic (see _float64_tensor); numpy scalars converted
+            return _float64_tensor(value if isinstance(value, float) else float(value))
         key = (id(group), name)
         cached = self._hyper_tensors.get(key)
         if cached is None or cached[0] != value:
-            cached = self._hyper_tensors[key] = (value, _as_tensor(value))
+            cached = self._hyper_tensors[key] = (value, _float64_tensor(float(value)))
         return cached[1]
 
     def _collect_buckets(self, group: dict, staged: list, created: list, plan: bool) -> list[Bucket]:
@@ -207,28 +251,37 @@ class SGD(Optimizer):
 
     # ---- state dict ----------------------------------------------------------------------------------
 
+    @torch.compiler.disable
     def state_dict(self) -> dict[str, Any]:
         """torch's layout (``state`` keyed by param index, ``param_groups``) plus a format version.
 
         fp32 buffers are ``momentum_buffer`` (as torch.optim.SGD); 8-bit ones are bitsandbytes' ``step``,
         ``state1``, ``absmax1``, ``qmap1``. Only tensors and Python numbers: ``torch.load(weights_only=True)``
-        reads it.
+        reads it. Hooks registered with ``register_state_dict_pre_hook`` / ``_post_hook`` run as for torch's
+        optimizers (post-hooks see the format version). ``torchsgd8.to_torch_state_dict`` and
+        ``torchsgd8.to_bitsandbytes_state_dict`` convert it for torch.optim.SGD and bitsandbytes.
         """
-        sd = super().state_dict()
-        sd[_state.FORMAT_KEY] = _state.FORMAT_VERSION
-        return sd
+        return state_dict_with_hooks(self, lambda: _state.pack_state_dict(self.param_groups, self.state))
 
+    @torch.compiler.disable
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state dict saved by torchsgd8, torch.optim.SGD, or bitsandbytes' SGD / SGD8bit / SGD32bit.
 
         Momentum is converted to this optimizer's precision (fp32 <-> 8-bit) where they differ. Every key,
-        shape and dtype is validated before anything changes; errors name the offending parameter.
+        shape and dtype is validated before anything changes; errors name the offending parameter. Hooks
+        registered with ``register_load_state_dict_pre_hook`` / ``_post_hook`` run as for torch's optimizers.
         """
+        load_state_dict_with_hooks(self, state_dict, self._load_state_dict)
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         groups, state = _state.convert_state_dict(self.param_groups, state_dict, self._codebook)
         self.__setstate__({"state": state, "param_groups": groups})
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        # Optimizer.__setstate__ adds differentiable=False to the defaults (torch's optimizers keep it in
+        # every group); torchsgd8's groups hold no such key, and the loop below would add it to each
+        self.defaults.pop("differentiable", None)
         self.__dict__.setdefault("_qmaps", {})
         self.__dict__.setdefault("_step_record", {})
         self._plans = {}
@@ -240,18 +293,26 @@ class SGD(Optimizer):
 
 
 class SGD8bit(SGD):
-    """SGD with 8-bit blockwise-quantized momentum (``SGD(..., optim_bits=8)``)."""
+    __doc__ = _docstring(
+        "SGD with 8-bit blockwise-quantized momentum: ``SGD(..., optim_bits=8)`` (bitsandbytes' ``SGD8bit``).",
+        _EIGHT_BIT_STATE)
 
-    def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, args=None,
-                 min_8bit_size=4096, *, maximize=False, stochastic_rounding=False):
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, args=None,
+                 min_8bit_size=4096, *, maximize=False, stochastic_rounding=False, foreach=None,
+                 differentiable=False, fused=None):
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, 8, args, min_8bit_size,
-                         maximize=maximize, stochastic_rounding=stochastic_rounding)
+                         maximize=maximize, stochastic_rounding=stochastic_rounding, foreach=foreach,
+                         differentiable=differentiable, fused=fused)
 
 
 class SGD32bit(SGD):
-    """SGD with a full-precision momentum buffer (``SGD(..., optim_bits=32)``)."""
+    __doc__ = _docstring(
+        "SGD with a full-precision momentum buffer: ``SGD(..., optim_bits=32)`` (bitsandbytes' ``SGD32bit``).",
+        _FULL_STATE)
 
-    def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, args=None,
-                 min_8bit_size=4096, *, maximize=False, stochastic_rounding=False):
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, args=None,
+                 min_8bit_size=4096, *, maximize=False, stochastic_rounding=False, foreach=None,
+                 differentiable=False, fused=None):
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, 32, args, min_8bit_size,
-                         maximize=maximize, stochastic_rounding=stochastic_rounding)
+                         maximize=maximize, stochastic_rounding=stochastic_rounding, foreach=foreach,
+                         differentiable=differentiable, fused=fused)
