@@ -31,18 +31,23 @@ __all__ = ["SGD", "SGD8bit", "SGD32bit"]
 # region per bucket).
 _COMPILED_CALL_SIZE = 32
 
+# Devices whose buckets get the CPU's hyperparameter tensors: the CPU kernels read them on the host, and the
+# meta kernels read nothing.
+_HOST_DEVICES = ("cpu", "meta")
+
 
 def _ensure_rounding_seed(group: dict) -> None:
     if group.get("stochastic_rounding") and "rounding_seed" not in group:
         group["rounding_seed"] = torch.randint(0, 2**62, (), dtype=torch.int64)
 
 
-def _float64_tensor(value: float) -> Tensor:
-    """`value` as a 0-dim float64 tensor, for the ops. Made by adding it to a zero tensor: under
-    torch.compile a Python float added to a tensor stays symbolic (a graph input), so a schedule that
-    writes a new float every step does not recompile, whereas torch.tensor(value) needs the concrete
-    value, and dynamo would specialise on it and recompile for each new one."""
-    return torch.zeros((), dtype=torch.float64) + value
+def _float64_tensor(value: float, device: Optional[torch.device]) -> Tensor:
+    """`value` as a 0-dim float64 tensor on `device` (None: the CPU), for the ops. Made by adding it to a zero
+    tensor: under torch.compile a Python float added to a tensor stays symbolic (a graph input), so a schedule
+    that writes a new float every step does not recompile, whereas torch.tensor(value) needs the concrete
+    value, and dynamo would specialise on it and recompile for each new one. On a GPU this copies nothing
+    from the host (a host-to-device copy from pageable memory waits for the device)."""
+    return torch.zeros((), dtype=torch.float64, device=device) + value
 
 
 def _docstring(summary: str, state: str, optim_bits_arg: str = "") -> str:
@@ -134,7 +139,7 @@ class SGD(Optimizer):
         self._qmaps: dict[torch.device, Tensor] = {}
         self._step_record: dict[str, bool] = {}  # see _torch_private.adopt_step_protocols
         self._plans: dict[int, GroupPlan] = {}  # by id(param group)
-        self._hyper_tensors: dict[tuple[int, str], tuple[float, Tensor]] = {}  # by (id(param group), name)
+        self._hyper_tensors: dict[tuple, tuple[float, Tensor]] = {}  # by (id(param group), name, device)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -189,10 +194,12 @@ class SGD(Optimizer):
         if buckets is None:
             buckets = self._collect_buckets(group, staged, created, plan=not compiling)
 
-        lr = self._hyper_tensor(group, "lr", compiling)
-        momentum = self._hyper_tensor(group, "momentum", compiling)
         rounding_seed = group.get("rounding_seed") if group.get("stochastic_rounding") else None
         for bucket_index, b in enumerate(buckets):
+            # float hyperparameters as tensors on the bucket's device: the GPU kernels read them there
+            device = None if b.device.type in _HOST_DEVICES else b.device
+            lr = self._hyper_tensor(group, "lr", device, compiling)
+            momentum = self._hyper_tensor(group, "momentum", device, compiling)
             # a distinct noise stream per bucket (the kernel's noise is keyed by position in the bucket)
             seed = rounding_seed + (bucket_index << 32) if rounding_seed is not None and b.dtype == torch.bfloat16 else None
             common = (lr, momentum, float(group["dampening"]), float(group["weight_decay"]),
@@ -220,18 +227,18 @@ class SGD(Optimizer):
             for p in created:
                 del self.state[p]
 
-    def _hyper_tensor(self, group: dict, name: str, compiling: bool) -> Tensor:
-        """group[name] as a 0-dim tensor. Eager steps reuse the last one made while the value stays the same
-        (making one costs ~2 us)."""
+    def _hyper_tensor(self, group: dict, name: str, device: Optional[torch.device], compiling: bool) -> Tensor:
+        """group[name] as a 0-dim tensor (a number's on `device`; a tensor as it is). Eager steps reuse the last
+        one made while the value stays the same (making one costs ~2 us)."""
         value = group[name]
         if isinstance(value, Tensor):
             return value
         if compiling:  # a float as it is, to keep it symbolic (see _float64_tensor); numpy scalars converted
-            return _float64_tensor(value if isinstance(value, float) else float(value))
-        key = (id(group), name)
+            return _float64_tensor(value if isinstance(value, float) else float(value), device)
+        key = (id(group), name, device)
         cached = self._hyper_tensors.get(key)
         if cached is None or cached[0] != value:
-            cached = self._hyper_tensors[key] = (value, _float64_tensor(float(value)))
+            cached = self._hyper_tensors[key] = (value, _float64_tensor(float(value), device))
         return cached[1]
 
     def _collect_buckets(self, group: dict, staged: list, created: list, plan: bool) -> list[Bucket]:
