@@ -33,6 +33,7 @@ class _Probe(Optimizer):
     ("torch._C._profiler", "_RecordFunctionFast"),
     ("torch._C", "_set_grad_enabled"),
     ("torch._C", "_dispatch_get_all_op_names"),
+    ("torch", "_disable_dynamo"),
     ("torch.optim.optimizer", "_global_optimizer_pre_hooks"),
     ("torch.optim.optimizer", "_global_optimizer_post_hooks"),
 ])
@@ -154,3 +155,27 @@ def test_state_dict_hook_registries_are_the_dicts_register_fills():
             CHANGED.format(what=f"Optimizer.{name}: the registered hook is not there")
         handle.remove()
         assert handle.id not in getattr(opt, name)
+
+
+def test_not_compiled_runs_eagerly_inside_a_compiled_function_and_imports_dynamo_lazily():
+    """torch._disable_dynamo: the function runs as Python (a graph break where it is called), and dynamo is
+    not imported until then."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from torchsgd8 import _torch_private; "
+            "f = _torch_private.not_compiled(lambda x: x + 1); "
+            "assert 'torch._dynamo' not in sys.modules, 'dynamo imported by the decorator'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    seen = []
+
+    @_torch_private.not_compiled
+    def eager(x):
+        seen.append(torch.compiler.is_compiling())
+        return x + 1
+
+    compiled = torch.compile(lambda x: eager(x) * 2, backend="eager")
+    assert torch.equal(compiled(torch.ones(2)), torch.full((2,), 4.0))
+    assert seen == [False], CHANGED.format(what="torch._disable_dynamo: the function was traced")

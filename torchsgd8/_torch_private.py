@@ -17,7 +17,10 @@ what torchsgd8 relies on, all of it below:
   ``register_state_dict_pre_hook`` etc. fill; torchsgd8 builds and loads its own state dicts);
 * ``_step_supports_amp_scaling`` and the ``grad_scale`` / ``found_inf`` attributes (torch.amp.GradScaler);
 * ``torch._C._dispatch_get_all_op_names`` (the dispatcher's list of registered ops, for
-  ``python -m torchsgd8``).
+  ``python -m torchsgd8``);
+* ``torch._disable_dynamo`` (keeps dynamo out of state_dict / load_state_dict, as torch's Optimizer does,
+  importing dynamo on the first call: ``torch.compiler.disable`` imports it, and with it triton where
+  installed, when the class is defined, which would cost ``import torchsgd8`` seconds).
 
 Checked against torch 2.13.0. Without one of the names the step wrapper uses (FAST_STEP_WRAPPER), the step
 falls back to Optimizer's own wrapper: slower, the same behaviour. tests/test_torch_private.py checks every
@@ -111,6 +114,12 @@ def load_state_dict_with_hooks(opt: Optimizer, state_dict: Any, load: Callable[[
     load(state_dict)
     for post_hook in opt._optimizer_load_state_dict_post_hooks.values():
         post_hook(opt)
+
+
+def not_compiled(fn: Callable) -> Callable:
+    """fn, run eagerly even when called inside a compiled region (a graph break there), as torch's
+    Optimizer.state_dict and load_state_dict are; dynamo is imported on the first call, not here."""
+    return torch._disable_dynamo(fn)
 
 
 def registered_op_names(namespace: str) -> list[str]:

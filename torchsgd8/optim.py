@@ -18,7 +18,7 @@ from . import _state, ops
 from ._buckets import Bucket, GroupPlan, collect_buckets, planned_buckets
 from ._checks import check_grad, check_torch_sgd_flags, read_bnb_args, validate_group
 from ._layout import EIGHT_BIT, codebook_copy, local
-from ._torch_private import (adopt_step_protocols, amp_scaling_args, load_state_dict_with_hooks,
+from ._torch_private import (adopt_step_protocols, amp_scaling_args, load_state_dict_with_hooks, not_compiled,
                              record_step_called, state_dict_with_hooks)
 
 __all__ = ["SGD", "SGD8bit", "SGD32bit"]
@@ -258,7 +258,7 @@ class SGD(Optimizer):
 
     # ---- state dict ----------------------------------------------------------------------------------
 
-    @torch.compiler.disable
+    @not_compiled
     def state_dict(self) -> dict[str, Any]:
         """torch's layout (``state`` keyed by param index, ``param_groups``) plus a format version.
 
@@ -270,7 +270,7 @@ class SGD(Optimizer):
         """
         return state_dict_with_hooks(self, lambda: _state.pack_state_dict(self.param_groups, self.state))
 
-    @torch.compiler.disable
+    @not_compiled
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state dict saved by torchsgd8, torch.optim.SGD, or bitsandbytes' SGD / SGD8bit / SGD32bit.
 
