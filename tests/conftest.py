@@ -31,6 +31,19 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def fresh_dynamo():
+    """A test that compiles starts and ends with dynamo's caches and counters empty: frame counts are its own,
+    and no compiled code outlives it."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+    counters.clear()
+
+
+@pytest.fixture
 def gen() -> torch.Generator:
     """A CPU generator with a fixed seed, so every test sees the same random numbers on every run."""
     return torch.Generator().manual_seed(20240611)

@@ -9,6 +9,13 @@ import torch
 from torch import Tensor
 
 
+def small_model() -> torch.nn.Module:
+    """Linear(16, 300), ReLU, Linear(300, 4), seeded: its 16x300 weight gets 8-bit state with min_8bit_size
+    1000, the rest fp32 momentum."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 300), torch.nn.ReLU(), torch.nn.Linear(300, 4))
+
+
 def set_same_grads(param_lists: Sequence[Sequence[Tensor]], gen: torch.Generator) -> None:
     """Gives the i-th param of every list the same fresh random grad (float32 normal draws, cast to the
     params' dtype); the lists hold params of equal shapes and dtypes, e.g. ours and a reference's."""

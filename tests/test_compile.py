@@ -37,13 +37,7 @@ HYPER = dict(lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True)
 STEPS = 6
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-    counters.clear()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def make_model() -> torch.nn.Module:

@@ -7,19 +7,10 @@ from torch._dynamo.testing import CompileCounter
 import torchsgd8
 from torchsgd8 import ops
 
-from helpers import training_step
+from helpers import small_model, training_step
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-def _model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(16, 300), torch.nn.ReLU(), torch.nn.Linear(300, 4))
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 @pytest.mark.parametrize("optim_bits", [32, 8])
@@ -31,7 +22,7 @@ def test_whole_training_step_under_one_cycle_lr_compiles_at_most_twice(optim_bit
 
     def train(compiled):
         torch._dynamo.reset()
-        model = _model()
+        model = small_model()
         params = list(model.parameters())
         opt = torchsgd8.SGD(params, lr=torch.tensor(0.01), momentum=momentum.clone() if isinstance(momentum, torch.Tensor) else momentum,
                             optim_bits=optim_bits, min_8bit_size=1000)
@@ -61,7 +52,7 @@ def test_float_lr_under_a_schedule_does_not_recompile(optim_bits):
     """Plain float lr written by a scheduler every step: at most 2 frames in all (the first step creates
     the state), not one per step (README; test_torch_conventions.py checks the inductor and aot_eager
     backends)."""
-    model = _model()
+    model = small_model()
     opt = torchsgd8.SGD(model.parameters(), lr=0.05, momentum=0.9, optim_bits=optim_bits, min_8bit_size=1000)
     counter = CompileCounter()
     step = torch.compile(opt.step, backend=counter, fullgraph=True)
@@ -131,7 +122,7 @@ def test_compiled_step_with_any_scheduler_in_either_order(compile_first, schedul
     tensor lr (updated in place by the schedulers) compiles only the two warm-up frames."""
     import warnings
 
-    model = _model()
+    model = small_model()
     opt = torchsgd8.SGD8bit(model.parameters(), lr=torch.tensor(0.05), momentum=0.9, min_8bit_size=1000)
     make = {
         "StepLR": lambda: torch.optim.lr_scheduler.StepLR(opt, 2),

@@ -17,20 +17,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 import torchsgd8
 
-from helpers import assert_identical, raw_bytes, training_step
+from helpers import assert_identical, raw_bytes, small_model, training_step
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-def _model():
-    torch.manual_seed(0)
-    # 16x300 = 4800 elements: 8-bit state with min_8bit_size=1000; the biases keep fp32 momentum
-    return torch.nn.Sequential(torch.nn.Linear(16, 300), torch.nn.ReLU(), torch.nn.Linear(300, 4))
 
 
 def _float_schedule(opt, name):
@@ -51,7 +40,7 @@ def test_float_hyperparameters_under_a_schedule_compile_the_step_at_most_twice(f
 
     def train(compiled):
         torch._dynamo.reset()
-        model = _model()
+        model = small_model()
         opt = torchsgd8.SGD8bit(model.parameters(), lr=0.05, momentum=0.9, min_8bit_size=1000)
         sched = _float_schedule(opt, schedule)
         counter = CompileCounterWithBackend(backend)
@@ -84,7 +73,7 @@ def test_float_hyperparameters_under_a_schedule_compile_a_whole_training_step_at
 
     def train(compiled):
         torch._dynamo.reset()
-        model = _model()
+        model = small_model()
         opt = torchsgd8.SGD8bit(model.parameters(), lr=0.05, momentum=0.9, min_8bit_size=1000)
         sched = _float_schedule(opt, "OneCycleLR")
         step = training_step(model, opt, torch.nn.functional.mse_loss)
@@ -134,8 +123,8 @@ def test_a_compiled_step_still_guards_on_momentum_being_zero(fresh_dynamo):
 # ---- bugs 2-5: the state-dict protocol -------------------------------------------------------------------
 
 def _trained(opt_class=torchsgd8.SGD8bit, named=False, steps=2, **kwargs):
-    """An optimizer over a fresh _model() after `steps` steps (fp32 and 8-bit state), and the model."""
-    model = _model()
+    """An optimizer over a fresh small_model() after `steps` steps (fp32 and 8-bit state), and the model."""
+    model = small_model()
     params = model.named_parameters() if named else model.parameters()
     kwargs = {"lr": 0.05, "momentum": 0.9, "min_8bit_size": 1000, **kwargs}
     opt = opt_class(params, **kwargs)

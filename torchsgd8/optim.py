@@ -299,27 +299,29 @@ class SGD(Optimizer):
             _ensure_rounding_seed(group)
 
 
-class SGD8bit(SGD):
+class _FixedPrecisionSGD(SGD):
+    """SGD with the precision of its momentum fixed by the class (``optim_bits``), as bitsandbytes' SGD8bit and
+    SGD32bit: the same arguments less ``optim_bits``."""
+
+    optim_bits: int
+
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, args=None,
+                 min_8bit_size=4096, *, maximize=False, stochastic_rounding=False, foreach=None,
+                 differentiable=False, fused=None):
+        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, self.optim_bits, args,
+                         min_8bit_size, maximize=maximize, stochastic_rounding=stochastic_rounding,
+                         foreach=foreach, differentiable=differentiable, fused=fused)
+
+
+class SGD8bit(_FixedPrecisionSGD):
     __doc__ = _docstring(
         "SGD with 8-bit blockwise-quantized momentum: ``SGD(..., optim_bits=8)`` (bitsandbytes' ``SGD8bit``).",
         _EIGHT_BIT_STATE)
-
-    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, args=None,
-                 min_8bit_size=4096, *, maximize=False, stochastic_rounding=False, foreach=None,
-                 differentiable=False, fused=None):
-        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, 8, args, min_8bit_size,
-                         maximize=maximize, stochastic_rounding=stochastic_rounding, foreach=foreach,
-                         differentiable=differentiable, fused=fused)
+    optim_bits = 8
 
 
-class SGD32bit(SGD):
+class SGD32bit(_FixedPrecisionSGD):
     __doc__ = _docstring(
         "SGD with a full-precision momentum buffer: ``SGD(..., optim_bits=32)`` (bitsandbytes' ``SGD32bit``).",
         _FULL_STATE)
-
-    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, args=None,
-                 min_8bit_size=4096, *, maximize=False, stochastic_rounding=False, foreach=None,
-                 differentiable=False, fused=None):
-        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, 32, args, min_8bit_size,
-                         maximize=maximize, stochastic_rounding=stochastic_rounding, foreach=foreach,
-                         differentiable=differentiable, fused=fused)
+    optim_bits = 32
