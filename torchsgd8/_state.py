@@ -208,6 +208,14 @@ def _read_step(value: Any, where: str) -> Tensor:
     return torch.tensor(float(value), dtype=torch.float32)
 
 
+def _absmax_shapes(shape: torch.Size) -> set[tuple]:
+    """The shapes absmax may have for codes of `shape`: the flat layout's, and for 2+ dims the per-row one's."""
+    shapes = {ops.absmax_shape(shape, per_row=False)}
+    if len(shape) >= 2:
+        shapes.add(ops.absmax_shape(shape, per_row=True))
+    return shapes
+
+
 def _read_momentum(flat: dict, param: Tensor, where: str) -> tuple[StateKind, Any]:
     """Returns (NONE, None), (FULL, buffer tensor) or (EIGHT_BIT, (codes, absmax, qmap, step))."""
     keys = set(flat)
@@ -233,10 +241,7 @@ def _read_momentum(flat: dict, param: Tensor, where: str) -> tuple[StateKind, An
         if extra:
             raise StateDictError(f"{where}: unexpected keys {_names(extra)} in 8-bit state")
         absmax = _check_tensor(flat["absmax1"], where, "absmax1", dtype=torch.float32)
-        valid = {ops.absmax_shape(param.shape, per_row=False)}  # either layout loads
-        if param.dim() >= 2:
-            valid.add(ops.absmax_shape(param.shape, per_row=True))
-        if tuple(absmax.shape) not in valid:
+        if tuple(absmax.shape) not in _absmax_shapes(param.shape):  # either layout loads
             raise StateDictError(f"{where}: 'absmax1' has shape {tuple(absmax.shape)}, expected "
                                  f"{absmax_shape(param)} (one per 256-element block)")
         qmap = _check_tensor(flat["qmap1"], where, "qmap1", shape=(256,), dtype=torch.float32)
@@ -409,8 +414,7 @@ def _read_own_param_state(saved: Any, where: str) -> tuple[StateKind, Any]:
         return (NONE, None) if buf is None else (FULL, _check_tensor(buf, where, "momentum_buffer", floating=True))
     codes = _check_tensor(saved["state1"], where, "state1", dtype=torch.uint8)
     absmax = _check_tensor(saved["absmax1"], where, "absmax1", dtype=torch.float32)
-    if tuple(absmax.shape) not in {ops.absmax_shape(codes.shape, per_row=False)} | (
-            {ops.absmax_shape(codes.shape, per_row=True)} if codes.dim() >= 2 else set()):
+    if tuple(absmax.shape) not in _absmax_shapes(codes.shape):
         raise StateDictError(f"{where}: 'absmax1' has shape {tuple(absmax.shape)}, which fits no block layout "
                              f"of 'state1' {tuple(codes.shape)}")
     qmap = _check_tensor(saved["qmap1"], where, "qmap1", shape=(256,), dtype=torch.float32)
