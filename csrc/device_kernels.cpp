@@ -15,38 +15,58 @@ namespace torchsgd8 {
 // ---- Condition ----
 
 Condition Condition::known(bool value) {
-  return Condition(value, at::Tensor());
+  return Condition(value);
 }
 
 Condition Condition::nonzero(const at::Tensor& value, at::Device device) {
   if (value.device().is_cpu() && !device.is_cpu()) {
     return known(value.item<double>() != 0.0);
   }
-  return Condition(false, value.reshape({}).ne(0));
+  Condition condition(false);
+  condition.tests_.push_back({value, /*holds_when_nonzero=*/true});
+  return condition;
 }
 
 Condition Condition::zero(const at::Tensor& value, at::Device device) {
   if (value.device().is_cpu() && !device.is_cpu()) {
     return known(value.item<double>() == 0.0);
   }
-  return Condition(false, value.reshape({}).eq(0));
+  Condition condition(false);
+  condition.tests_.push_back({value, /*holds_when_nonzero=*/false});
+  return condition;
 }
 
 Condition Condition::operator||(const Condition& other) const {
-  if (!on_device_.defined()) {
+  if (is_known()) {
     return known_ ? *this : other;
   }
-  if (!other.on_device_.defined()) {
+  if (other.is_known()) {
     return other.known_ ? other : *this;
   }
-  return Condition(false, at::logical_or(on_device_, other.on_device_));
+  Condition either = *this;
+  either.tests_.insert(either.tests_.end(), other.tests_.begin(), other.tests_.end());
+  return either;
+}
+
+at::Tensor Condition::on_device() const {
+  at::Tensor holds;
+  for (const DeviceTest& test : tests_) {
+    const at::Tensor value = test.value.reshape({});
+    const at::Tensor result = test.holds_when_nonzero ? value.ne(0) : value.eq(0);
+    holds = holds.defined() ? at::logical_or(holds, result) : result;
+  }
+  return holds;
 }
 
 void Condition::fill(at::TensorList tensors, const at::Scalar& value) const {
+  if (tensors.empty() || (is_known() && !known_)) {
+    return;
+  }
+  const at::Tensor mask = is_known() ? at::Tensor() : on_device();
   for (const at::Tensor& t : tensors) {
-    if (on_device_.defined()) {
-      t.masked_fill_(on_device_, value);
-    } else if (known_) {
+    if (mask.defined()) {
+      t.masked_fill_(mask, value);
+    } else {
       t.fill_(value);
     }
   }
@@ -56,8 +76,8 @@ void Condition::count_unless(at::TensorList counters) const {
   if (counters.empty()) {
     return;
   }
-  if (on_device_.defined()) {
-    at::_foreach_add_(counters, at::logical_not(on_device_).to(at::kFloat));
+  if (!is_known()) {
+    at::_foreach_add_(counters, at::logical_not(on_device()).to(at::kFloat));
     return;
   }
   if (known_) {

@@ -15,13 +15,14 @@
 namespace torchsgd8 {
 
 // A yes/no fact about one update call that the ops act on: whether the step is skipped (found_inf nonzero),
-// whether the momentum value is 0. Known on the host where the kernels read values there; else a 0-dim bool
-// tensor on the params' device, which is only used in device-side ops, so nothing waits for the device.
+// whether the momentum value is 0. Known on the host where the kernels read values there; else tests of
+// one-element tensors, evaluated on the params' device only where the ops act on the condition (a first
+// step's state, step counters), so nothing waits for the device and an unused condition costs no launch.
 class Condition {
  public:
   static Condition known(bool value);
   // `value != 0` / `value == 0` for a one-element tensor and params on `device`: read on the host where
-  // `value` is on the CPU and the params are not (which needs no sync), else computed on `device`.
+  // `value` is on the CPU and the params are not (which needs no sync), else tested on `device`.
   static Condition nonzero(const at::Tensor& value, at::Device device);
   static Condition zero(const at::Tensor& value, at::Device device);
 
@@ -33,10 +34,20 @@ class Condition {
   void count_unless(at::TensorList counters) const;
 
  private:
-  Condition(bool known, at::Tensor on_device) : known_(known), on_device_(std::move(on_device)) {}
+  struct DeviceTest {
+    at::Tensor value;
+    bool holds_when_nonzero;
+  };
 
-  bool known_;
-  at::Tensor on_device_;  // defined: the condition is this 0-dim bool tensor, and known_ is unused
+  explicit Condition(bool known) : known_(known) {}
+  bool is_known() const {
+    return tests_.empty();
+  }
+  // The condition as a 0-dim bool tensor on the device: the OR of the tests.
+  at::Tensor on_device() const;
+
+  bool known_;                     // the condition, where is_known()
+  std::vector<DeviceTest> tests_;  // else: it holds where any of these does
 };
 
 // What an update kernel tells the ops about the call it ran.
